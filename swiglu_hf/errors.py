@@ -1,0 +1,33 @@
+"""Typed errors. Each message says what was wrong and what to do about it."""
+
+
+class SwigluError(Exception):
+    """Base class of every error swiglu_hf raises on purpose."""
+
+
+class InvalidInputError(SwigluError, ValueError):
+    """Tensor arguments of the fused op have incompatible shapes or an odd packed width."""
+
+
+class InvalidDtypeError(SwigluError, TypeError):
+    """Tensor arguments are integer, unsupported, or of mixed dtypes/devices."""
+
+
+class UnsupportedActivationError(SwigluError, ValueError):
+    """The activation is not one the fused kernels implement."""
+
+
+class UnknownBackendError(SwigluError, ValueError):
+    """`backend=` is not one of "auto", "triton", "torch"."""
+
+
+class BackendUnavailableError(SwigluError, RuntimeError):
+    """The requested backend cannot run on this machine (e.g. Triton on CPU without the interpreter)."""
+
+
+class NoGatedMLPError(SwigluError, ValueError):
+    """apply_swiglu_patch found no module it could patch."""
+
+
+class SelfCheckError(SwigluError, ValueError):
+    """The fused forward disagreed with the module's own forward on a random probe."""

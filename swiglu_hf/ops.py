@@ -1,0 +1,137 @@
+"""The fused op h = act(gate) * up as torch.library custom ops, with autograd and fake kernels.
+
+Two forms share one implementation:
+  glu(gate, up)   gate and up are separate tensors of equal shape (.., I)
+  glu_packed(x)   x is (.., 2I) with the gate in the first half (Phi-3, the seed's chunk form);
+                  both halves are read in place, and the gradient is written into one (.., 2I)
+                  buffer, so neither direction copies a half.
+
+`use_triton` picks the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1); otherwise the
+PyTorch path runs the same aten ops eager autograd would, so it is bitwise equal to stock.
+Autograd saves only the op's inputs and recomputes the activation in backward. Every backward
+allocates fresh outputs: a second backward through a retained graph gives identical gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .activations import act_backward, act_forward
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(.., n) -> (rows, n) with unit column stride; a view whenever the layout allows it."""
+    if t.stride(-1) != 1 and t.numel() > 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:  # leading dims not mergeable (e.g. a transposed batch): copy once
+        return t.reshape(-1, t.shape[-1])
+
+
+def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
+    n = x.shape[-1] // 2
+    return x[..., :n], x[..., n:]
+
+
+def _fwd_impl(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Tensor:
+    if not use_triton:
+        return act_forward(activation, gate) * up
+    from . import kernels
+
+    h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    kernels.glu_fwd(_rows(gate), _rows(up), h.view(-1, h.shape[-1]), activation)
+    return h
+
+
+def _bwd_impl(dh, gate, up, dgate, dup, activation: str, use_triton: bool) -> None:
+    """Writes the grads of act(gate) * up into dgate and dup (fresh buffers or views of one)."""
+    if not use_triton:
+        act = act_forward(activation, gate)
+        dup.copy_(dh * act)
+        dgate.copy_(act_backward(activation, dh * up, gate, act))
+        return
+    from . import kernels
+
+    kernels.glu_bwd(_rows(dh), _rows(gate), _rows(up), _rows(dgate), _rows(dup), activation)
+
+
+# ---- split form -------------------------------------------------------------------------
+
+@torch.library.custom_op("swiglu_hf::glu_fwd", mutates_args=())
+def glu_fwd(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Tensor:
+    return _fwd_impl(gate, up, activation, use_triton)
+
+
+@glu_fwd.register_fake
+def _(gate, up, activation, use_triton):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("swiglu_hf::glu_bwd", mutates_args=())
+def glu_bwd(dh: Tensor, gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> tuple[Tensor, Tensor]:
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    _bwd_impl(dh, gate, up, dgate, dup, activation, use_triton)
+    return dgate, dup
+
+
+@glu_bwd.register_fake
+def _(dh, gate, up, activation, use_triton):
+    fmt = torch.contiguous_format
+    return torch.empty_like(gate, memory_format=fmt), torch.empty_like(up, memory_format=fmt)
+
+
+def _glu_setup(ctx, inputs, output):
+    gate, up, ctx.activation, ctx.use_triton = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _glu_backward(ctx, dh):
+    gate, up = ctx.saved_tensors
+    dgate, dup = glu_bwd(dh, gate, up, ctx.activation, ctx.use_triton)
+    return dgate, dup, None, None
+
+
+glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup)
+
+
+# ---- packed form ------------------------------------------------------------------------
+
+@torch.library.custom_op("swiglu_hf::glu_packed_fwd", mutates_args=())
+def glu_packed_fwd(x: Tensor, activation: str, use_triton: bool) -> Tensor:
+    gate, up = _halves(x)
+    return _fwd_impl(gate, up, activation, use_triton)
+
+
+@glu_packed_fwd.register_fake
+def _(x, activation, use_triton):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("swiglu_hf::glu_packed_bwd", mutates_args=())
+def glu_packed_bwd(dh: Tensor, x: Tensor, activation: str, use_triton: bool) -> Tensor:
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    gate, up = _halves(x)
+    dgate, dup = _halves(dx)
+    _bwd_impl(dh, gate, up, dgate, dup, activation, use_triton)
+    return dx
+
+
+@glu_packed_bwd.register_fake
+def _(dh, x, activation, use_triton):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _packed_setup(ctx, inputs, output):
+    x, ctx.activation, ctx.use_triton = inputs
+    ctx.save_for_backward(x)
+
+
+def _packed_backward(ctx, dh):
+    (x,) = ctx.saved_tensors
+    return glu_packed_bwd(dh, x, ctx.activation, ctx.use_triton), None, None
+
+
+glu_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)

@@ -1,0 +1,198 @@
+"""The patch engine: find gated MLPs, prove the fused forward on each class, bind it per instance.
+
+Contract (DESIGN.md): only `forward` of matched instances changes; projection modules, state_dict
+and hooks stay as they are; nothing global changes; every failure happens before the first
+module is touched; `revert_swiglu_patch` puts back exactly the forwards that were there.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .activations import ACTIVATIONS, activation_of, describe
+from .backend import check_backend, ensure_triton
+from .errors import InvalidInputError, NoGatedMLPError, SelfCheckError, UnsupportedActivationError
+from .mlp import FORWARDS
+from .recipes import Recipe, load_recipes, match_recipe
+
+STATE_ATTR = "_swiglu_hf"
+
+# Relative L2 error allowed between the fused and the stock forward on the patch-time probe.
+# It only has to separate "same math, other rounding" (<= a few ulps) from a wrong formula
+# (swapped halves, an extra scale), which is off by O(1).
+_PROBE_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@dataclass
+class PatchState:
+    recipe: Recipe
+    activation: str
+    backend: str
+    attr: str  # "forward", or accelerate's "_old_forward" when a hook wraps the forward
+    original: Callable | None  # the instance attribute we replaced; None = the class's forward
+
+
+def _fused_forward(self, x):
+    state = self.__dict__[STATE_ATTR]
+    return FORWARDS[state.recipe.form](self, state, x)
+
+
+def is_patched(module: nn.Module) -> bool:
+    return STATE_ATTR in module.__dict__
+
+
+def patched_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the modules whose forward is currently the fused one."""
+    return [name for name, module in model.named_modules() if is_patched(module)]
+
+
+def default_filter(name: str, module: nn.Module) -> bool:
+    """Patch every module that matches a recipe."""
+    return True
+
+
+def _forward_attr(module: nn.Module) -> str:
+    # accelerate's add_hook_to_module keeps the real forward in `_old_forward` and installs a
+    # wrapper as `forward`; replacing `_old_forward` keeps its device/offload hooks in the loop.
+    if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__:
+        return "_old_forward"
+    return "forward"
+
+
+def _stock_forward(module: nn.Module, state: PatchState) -> Callable:
+    return state.original if state.original is not None else types.MethodType(type(module).forward, module)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _probe_input(module: nn.Module, recipe: Recipe):
+    first = getattr(module, next(iter(recipe.projections.values())))
+    hidden = getattr(first, "in_features", None)
+    weight = getattr(first, "weight", None)
+    if hidden is None and weight is not None:
+        hidden = weight.shape[-1]
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if hidden is None or param is None:
+        return None
+    gen = torch.Generator(device=param.device).manual_seed(0)  # private RNG: the global stream is untouched
+    return torch.randn(2, 3, hidden, generator=gen, device=param.device, dtype=param.dtype)
+
+
+def _self_check(name: str, module: nn.Module, state: PatchState) -> None:
+    """Run one random probe through the stock and the fused forward; raise if they disagree."""
+    if any(p.is_meta for p in module.parameters()):
+        return  # no data to compare; the class is checked again when patched with real weights
+    x = _probe_input(module, state.recipe)
+    if x is None:
+        raise SelfCheckError(f"{name} ({type(module).__name__}): cannot build a probe input (no in_features/weight)")
+    with torch.no_grad():
+        want = _stock_forward(module, state)(x)
+        got = FORWARDS[state.recipe.form](module, state, x)
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        raise SelfCheckError(
+            f"{name} ({type(module).__name__}) returns {type(want).__name__} of shape "
+            f"{getattr(want, 'shape', None)}, not a tensor like the fused forward's {tuple(got.shape)}; "
+            f"it is not a plain {state.recipe.name} gated MLP. Exclude it with filter_fn=..."
+        )
+    ok = torch.isfinite(want)
+    err = (got[ok].double() - want[ok].double()).norm() / want[ok].double().norm().clamp_min(1e-30)
+    tol = _PROBE_RTOL.get(x.dtype, 1e-4)
+    if not torch.equal(ok, torch.isfinite(got)) or err > tol:
+        raise SelfCheckError(
+            f"{name} ({type(module).__name__}): fused forward ({state.recipe.name}, {state.activation}) differs "
+            f"from the module's own forward on a random probe (relative error {err:.3g} > {tol:g}). "
+            "The module does extra math or orders its halves differently; it was left unpatched. "
+            "Exclude it with filter_fn=... if this is expected."
+        )
+
+
+def _mlp_like_classes(model: nn.Module) -> list[str]:
+    keys = ("mlp", "feedforward", "ffn", "expert")
+    return sorted({type(m).__name__ for m in model.modules() if any(k in type(m).__name__.lower() for k in keys)})
+
+
+def apply_swiglu_patch(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> nn.Module:
+    """Replace the gated-MLP forward of every matching module of `model` with the fused one.
+
+    In place; returns `model`. `backend`: "auto" (Triton on CUDA, PyTorch elsewhere), "triton"
+    or "torch". `filter_fn(name, module) -> bool` restricts which matched modules are patched.
+    Raises before touching the model if nothing matches, an activation is unsupported, the
+    backend cannot run, or the patch-time probe shows the fused forward disagreeing.
+    """
+    check_backend(backend)
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"apply_swiglu_patch expects a torch.nn.Module, got {type(model).__name__}")
+    if backend == "triton":
+        ensure_triton(_model_device(model))
+    keep = filter_fn or default_filter
+
+    plans, already = [], []
+    for name, module in model.named_modules():
+        if is_patched(module):
+            state = module.__dict__[STATE_ATTR]
+            if state.backend != backend:
+                raise InvalidInputError(
+                    f"{name} is already patched with backend={state.backend!r}; "
+                    f"call revert_swiglu_patch(model) before re-applying with backend={backend!r}"
+                )
+            already.append(name)
+            continue
+        found = match_recipe(module)
+        if found is None or not keep(name, module):
+            continue
+        recipe, act = found
+        activation = activation_of(act)
+        if activation is None:
+            raise UnsupportedActivationError(
+                f"{name} ({type(module).__name__}) uses activation {describe(act)}, which the fused kernels do "
+                f"not implement (supported: {', '.join(ACTIVATIONS)}). Nothing was patched; exclude it with "
+                "filter_fn=... to patch the rest."
+            )
+        attr = _forward_attr(module)
+        plans.append((name, module, PatchState(recipe, activation, backend, attr, module.__dict__.get(attr))))
+
+    if not plans and not already:
+        shapes = "; ".join(f"{r.name}: {', '.join(r.projections.values())}" for r in load_recipes())
+        raise NoGatedMLPError(
+            f"no gated MLP found in {type(model).__name__}. MLP-like classes seen: "
+            f"{', '.join(_mlp_like_classes(model)) or 'none'}. Recognised shapes (child modules): {shapes}."
+        )
+
+    checked = set()
+    for name, module, state in plans:
+        key = (type(module), state.recipe.name, state.activation)
+        if key not in checked:
+            _self_check(name, module, state)
+            checked.add(key)
+
+    for _, module, state in plans:
+        module.__dict__[STATE_ATTR] = state
+        module.__dict__[state.attr] = types.MethodType(_fused_forward, module)
+    return model
+
+
+def revert_swiglu_patch(model: nn.Module) -> nn.Module:
+    """Restore exactly the forwards that apply_swiglu_patch replaced. In place; returns `model`."""
+    for _, module in model.named_modules():
+        state = module.__dict__.pop(STATE_ATTR, None)
+        if state is None:
+            continue
+        if state.original is None:
+            del module.__dict__[state.attr]
+        else:
+            module.__dict__[state.attr] = state.original
+    return model
