@@ -1,0 +1,14 @@
+"""`swiglu-hf bench <what>`: benchmark subcommands, one module each (add_parser(subparsers))."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHES = ()  # module names under swiglu_hf, e.g. "bench_kernel"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (kernel bandwidth, activation memory)")
+    bench_sub = p.add_subparsers(dest="bench", required=True)
+    for name in BENCHES:
+        importlib.import_module(f"swiglu_hf.{name}").add_parser(bench_sub)
