@@ -18,15 +18,9 @@ from .errors import (
 )
 from .functional import swiglu
 from .patch import apply_swiglu_patch, patched_modules, revert_swiglu_patch
+from .verification import VerifyReport, verify
 
 __version__ = "0.1.0"
-
-
-def verify(*args, **kwargs):
-    """Compare stock and patched models against a float64 reference; see swiglu_hf.verify.verify."""
-    from .verify import verify as _verify
-
-    return _verify(*args, **kwargs)
 
 
 __all__ = [
@@ -35,6 +29,7 @@ __all__ = [
     "patched_modules",
     "swiglu",
     "verify",
+    "VerifyReport",
     "SwigluError",
     "InvalidInputError",
     "InvalidDtypeError",

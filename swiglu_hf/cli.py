@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules that define add_parser(subparsers); each sets `func(args) -> exit code`.
-COMMANDS = ("verify", "bench")
+COMMANDS = ("verification", "bench", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:

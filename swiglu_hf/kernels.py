@@ -37,6 +37,7 @@ _SQRT1_2 = 0.7071067811865476  # M_SQRT1_2
 _GELU_ERF_PDF = 0.3989422804014327  # M_2_SQRTPI * M_SQRT1_2 * 0.5 = 1/sqrt(2 pi)
 _GELU_TANH_BETA = 0.7978845608028654  # M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2/pi)
 _GELU_TANH_KAPPA = 0.044715
+_GELU_TANH_3KAPPA = 0.13414499163627625  # eager's opmath_t(3) * kKappa, rounded in fp32 (not 3 * 0.044715 in double)
 
 
 @triton.jit
@@ -59,8 +60,13 @@ def _erf(x, ACCURATE: tl.constexpr):
 def _tanh(x, ACCURATE: tl.constexpr):
     if ACCURATE:
         return libdevice.tanh(x)
-    else:
-        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    else:  # no tanh in the interpreter: exp form, plus a series near 0 where 1 - e cancels
+        e = tl.exp(-2.0 * tl.abs(x))
+        big = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        small = tl.abs(x) * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
+        t = tl.where(tl.abs(x) < 0.125, small, big)
+        return tl.where(x < 0.0, -t, t)
 
 
 @triton.jit
@@ -97,7 +103,7 @@ def _act_bwd(d, g, a, ACT: tl.constexpr, ACCURATE: tl.constexpr):
         right = 1.0 + t
         left_derivative = 0.5 * right
         right_derivative = left * tl.fma(-t, t, 1.0)
-        inner_derivative = _GELU_TANH_BETA * tl.fma(3.0 * _GELU_TANH_KAPPA, g_sq, 1.0)
+        inner_derivative = _GELU_TANH_BETA * tl.fma(_GELU_TANH_3KAPPA, g_sq, 1.0)
         return d * tl.fma(right_derivative, inner_derivative, left_derivative)
     elif ACT == 3:  # aten sigmoid_backward(dy, y): dy * (1 - y) * y, y the saved (rounded) output
         return d * (1.0 - a) * a
