@@ -14,6 +14,8 @@ allocates fresh outputs: a second backward through a retained graph gives identi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,12 +24,13 @@ from .activations import act_backward, act_forward
 
 def _rows(t: Tensor) -> Tensor:
     """(.., n) -> (rows, n) with unit column stride; a view whenever the layout allows it."""
+    shape = (math.prod(t.shape[:-1]), t.shape[-1])  # explicit: view(-1, 0) is ambiguous
     if t.stride(-1) != 1 and t.numel() > 1:
         t = t.contiguous()
     try:
-        return t.view(-1, t.shape[-1])
+        return t.view(shape)
     except RuntimeError:  # leading dims not mergeable (e.g. a transposed batch): copy once
-        return t.reshape(-1, t.shape[-1])
+        return t.reshape(shape)
 
 
 def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,17 +44,18 @@ def _fwd_impl(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Te
     from . import kernels
 
     h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    kernels.glu_fwd(_rows(gate), _rows(up), h.view(-1, h.shape[-1]), activation)
+    kernels.glu_fwd(_rows(gate), _rows(up), _rows(h), activation)
     return h
 
 
-def _bwd_impl(dh, gate, up, dgate, dup, activation: str, use_triton: bool) -> None:
+def _torch_bwd(dh, gate, up, activation: str) -> tuple[Tensor, Tensor]:
+    """(dgate, dup) exactly as eager autograd forms them for act(gate) * up."""
+    act = act_forward(activation, gate)
+    return act_backward(activation, dh * up, gate, act), dh * act
+
+
+def _triton_bwd(dh, gate, up, dgate, dup, activation: str) -> None:
     """Writes the grads of act(gate) * up into dgate and dup (fresh buffers or views of one)."""
-    if not use_triton:
-        act = act_forward(activation, gate)
-        dup.copy_(dh * act)
-        dgate.copy_(act_backward(activation, dh * up, gate, act))
-        return
     from . import kernels
 
     kernels.glu_bwd(_rows(dh), _rows(gate), _rows(up), _rows(dgate), _rows(dup), activation)
@@ -71,9 +75,11 @@ def _(gate, up, activation, use_triton):
 
 @torch.library.custom_op("swiglu_hf::glu_bwd", mutates_args=())
 def glu_bwd(dh: Tensor, gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> tuple[Tensor, Tensor]:
+    if not use_triton:
+        return _torch_bwd(dh, gate, up, activation)
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    _bwd_impl(dh, gate, up, dgate, dup, activation, use_triton)
+    _triton_bwd(dh, gate, up, dgate, dup, activation)
     return dgate, dup
 
 
@@ -112,10 +118,12 @@ def _(x, activation, use_triton):
 
 @torch.library.custom_op("swiglu_hf::glu_packed_bwd", mutates_args=())
 def glu_packed_bwd(dh: Tensor, x: Tensor, activation: str, use_triton: bool) -> Tensor:
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     gate, up = _halves(x)
+    if not use_triton:
+        return torch.cat(_torch_bwd(dh, gate, up, activation), dim=-1)  # as stock's chunk backward
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dgate, dup = _halves(dx)
-    _bwd_impl(dh, gate, up, dgate, dup, activation, use_triton)
+    _triton_bwd(dh, gate, up, dgate, dup, activation)
     return dx
 
 
@@ -135,3 +143,41 @@ def _packed_backward(ctx, dh):
 
 
 glu_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+# ---- recompute twins (activation memory, swiglu_hf.mlp) ---------------------------------
+# The same forwards under other names, called only from the backward of swiglu_hf.mlp's
+# recomputing autograd Functions. Under torch.compile, AOTAutograd traces forward and backward
+# into one joint graph and merges identical calls (CSE): a backward recompute of glu_fwd(gate, up)
+# or of gate_proj's F.linear would become the forward's value again and the partitioner would
+# save it, undoing the memory saving. Distinct, opaque ops keep the recompute in the backward.
+
+@torch.library.custom_op("swiglu_hf::glu_fwd_recompute", mutates_args=())
+def glu_fwd_recompute(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Tensor:
+    return _fwd_impl(gate, up, activation, use_triton)
+
+
+@glu_fwd_recompute.register_fake
+def _(gate, up, activation, use_triton):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("swiglu_hf::glu_packed_fwd_recompute", mutates_args=())
+def glu_packed_fwd_recompute(x: Tensor, activation: str, use_triton: bool) -> Tensor:
+    gate, up = _halves(x)
+    return _fwd_impl(gate, up, activation, use_triton)
+
+
+@glu_packed_fwd_recompute.register_fake
+def _(x, activation, use_triton):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("swiglu_hf::linear_recompute", mutates_args=())
+def linear_recompute(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@linear_recompute.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -17,7 +17,7 @@ from torch import nn
 from .activations import ACTIVATIONS, activation_of, describe
 from .backend import check_backend, ensure_triton
 from .errors import InvalidInputError, NoGatedMLPError, SelfCheckError, UnsupportedActivationError
-from .mlp import FORWARDS
+from .mlp import FORWARDS, check_tile_tokens
 from .recipes import Recipe, load_recipes, match_recipe
 
 STATE_ATTR = "_swiglu_hf"
@@ -35,6 +35,7 @@ class PatchState:
     backend: str
     attr: str  # "forward", or accelerate's "_old_forward" when a hook wraps the forward
     original: Callable | None  # the instance attribute we replaced; None = the class's forward
+    tile_tokens: int | str | None = None  # None: default mode (saves H+2I); int or "auto": tiled (saves H)
 
 
 def _fused_forward(self, x):
@@ -94,9 +95,15 @@ def _self_check(name: str, module: nn.Module, state: PatchState) -> None:
     x = _probe_input(module, state.recipe)
     if x is None:
         raise SelfCheckError(f"{name} ({type(module).__name__}): cannot build a probe input (no in_features/weight)")
-    with torch.no_grad():
-        want = _stock_forward(module, state)(x)
-        got = FORWARDS[state.recipe.form](module, state, x)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # dropout (e.g. LoRA's) would draw different masks for the two forwards
+    try:
+        with torch.no_grad():
+            want = _stock_forward(module, state)(x)
+            got = FORWARDS[state.recipe.form](module, state, x)
+    finally:
+        for m, training in modes.items():
+            m.training = training
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         raise SelfCheckError(
             f"{name} ({type(module).__name__}) returns {type(want).__name__} of shape "
@@ -125,6 +132,7 @@ def apply_swiglu_patch(
     *,
     backend: str = "auto",
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    tile_tokens: int | str | None = None,
 ) -> nn.Module:
     """Replace the gated-MLP forward of every matching module of `model` with the fused one.
 
@@ -132,8 +140,13 @@ def apply_swiglu_patch(
     or "torch". `filter_fn(name, module) -> bool` restricts which matched modules are patched.
     Raises before touching the model if nothing matches, an activation is unsupported, the
     backend cannot run, or the patch-time probe shows the fused forward disagreeing.
+
+    Memory (per token, saved for backward; swiglu_hf.mlp): by default x, gate and up (H + 2I; h is
+    recomputed in backward). `tile_tokens=N` (or "auto") runs the MLP N tokens at a time and saves
+    only x (H; gate and up are recomputed per tile in backward).
     """
     check_backend(backend)
+    tile_tokens = check_tile_tokens(tile_tokens)
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"apply_swiglu_patch expects a torch.nn.Module, got {type(model).__name__}")
     if backend == "triton":
@@ -144,10 +157,11 @@ def apply_swiglu_patch(
     for name, module in model.named_modules():
         if is_patched(module):
             state = module.__dict__[STATE_ATTR]
-            if state.backend != backend:
+            if state.backend != backend or state.tile_tokens != tile_tokens:
                 raise InvalidInputError(
-                    f"{name} is already patched with backend={state.backend!r}; "
-                    f"call revert_swiglu_patch(model) before re-applying with backend={backend!r}"
+                    f"{name} is already patched with backend={state.backend!r}, tile_tokens={state.tile_tokens!r}; "
+                    f"call revert_swiglu_patch(model) before re-applying with backend={backend!r}, "
+                    f"tile_tokens={tile_tokens!r}"
                 )
             already.append(name)
             continue
@@ -163,7 +177,9 @@ def apply_swiglu_patch(
                 "filter_fn=... to patch the rest."
             )
         attr = _forward_attr(module)
-        plans.append((name, module, PatchState(recipe, activation, backend, attr, module.__dict__.get(attr))))
+        plans.append(
+            (name, module, PatchState(recipe, activation, backend, attr, module.__dict__.get(attr), tile_tokens))
+        )
 
     if not plans and not already:
         shapes = "; ".join(f"{r.name}: {', '.join(r.projections.values())}" for r in load_recipes())
