@@ -136,8 +136,10 @@ def _glu_bwd_kernel(
     up_ptr,  # (M, N) saved up, row stride stride_u
     dgate_ptr,  # (M, N) output, row stride stride_dg (may be the first half of a packed grad)
     dup_ptr,  # (M, N) output, row stride stride_du (may be the second half of a packed grad)
-    M, N, stride_dh, stride_g, stride_u, stride_dg, stride_du,
-    ACT: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    h_ptr,  # (M, N) output h = act(gate) * up, row stride stride_h; written only if STORE_H
+    M, N, stride_dh, stride_g, stride_u, stride_dg, stride_du, stride_h,
+    ACT: tl.constexpr, ACCURATE: tl.constexpr, STORE_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,6 +152,8 @@ def _glu_bwd_kernel(
     dtype = dgate_ptr.dtype.element_ty
     a = _act_fwd(g, ACT, ACCURATE).to(dtype).to(tl.float32)
     dact = (dh * u).to(dtype).to(tl.float32)
+    if STORE_H:  # the recomputed forward output, for down_proj's weight gradient
+        tl.store(h_ptr + r * stride_h + c, (a * u).to(dtype), mask=mask)
     tl.store(dup_ptr + r * stride_du + c, (dh * a).to(dtype), mask=mask)
     tl.store(dgate_ptr + r * stride_dg + c, _act_bwd(dact, g, a, ACT, ACCURATE).to(dtype), mask=mask)
 
@@ -176,16 +180,21 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, activation:
     )
 
 
-def glu_bwd(dh, gate, up, dgate, dup, activation: str) -> None:
-    """dgate, dup = grads of act(gate) * up, written into the given 2-D outputs."""
+def glu_bwd(dh, gate, up, dgate, dup, activation: str, h=None) -> None:
+    """dgate, dup = grads of act(gate) * up, written into the given 2-D outputs.
+
+    With `h`, the same pass also writes h = act(gate) * up (bitwise the forward's value): a
+    backward that recomputes h for down_proj's weight gradient then reads gate and up once.
+    """
     M, N = gate.shape
     if M == 0 or N == 0:
         return
     block_m, block_n = _blocks(N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _glu_bwd_kernel[grid](
-        dh, gate, up, dgate, dup, M, N,
+        dh, gate, up, dgate, dup, dgate if h is None else h, M, N,
         dh.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
-        ACT=ACT_IDS[activation], ACCURATE=not INTERPRET, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4,
+        0 if h is None else h.stride(0),
+        ACT=ACT_IDS[activation], ACCURATE=not INTERPRET, STORE_H=h is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )

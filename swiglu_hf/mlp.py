@@ -108,6 +108,20 @@ def _width(m: nn.Module) -> int | None:
 
 # ---- linear backward, as stock autograd forms it ----------------------------------------
 
+def _linear_dinput(dy, weight, dtype):
+    """d_inp = dy @ W of y = F.linear(inp, W, b), as stock autograd's mm forms it, in `dtype`."""
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, M)
+    return dy2.mm(weight.to(dy.dtype)).view(*dy.shape[:-1], weight.shape[1]).to(dtype)  # (.., K)
+
+
+def _linear_dparams(dy, inp, need_weight: bool, need_bias: bool):
+    """(dW, db) = (dy^T @ inp, dy.sum(0)) over the flattened (N, .) views, in dy's dtype."""
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, M)
+    dw = dy2.t().mm(inp.reshape(-1, inp.shape[-1]).to(dy.dtype)) if need_weight else None  # (M, K)
+    db = dy2.sum(0) if need_bias else None  # (M,)
+    return dw, db
+
+
 def _linear_bwd(dy, inp, weight, need_input: bool, need_weight: bool, need_bias: bool):
     """Grads of y = F.linear(inp, weight, bias) (inp (.., K), weight (M, K), dy (.., M)).
 
@@ -115,16 +129,15 @@ def _linear_bwd(dy, inp, weight, need_input: bool, need_weight: bool, need_bias:
     d_inp = dy @ W, dW = dy^T @ inp, db = dy.sum(0), over the flattened (N, .) views. Operands
     are cast to dy's dtype first (what autocast did in forward) and grads back to each's dtype.
     """
-    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, M)
-    cdt = dy.dtype
-    d_inp = dw = db = None
-    if need_input:
-        d_inp = dy2.mm(weight.to(cdt)).view(*dy.shape[:-1], weight.shape[1]).to(inp.dtype)  # (.., K)
-    if need_weight:
-        dw = dy2.t().mm(inp.reshape(-1, inp.shape[-1]).to(cdt))  # (M, K), in cdt
-    if need_bias:
-        db = dy2.sum(0)  # (M,)
-    return d_inp, dw, db
+    d_inp = _linear_dinput(dy, weight, inp.dtype) if need_input else None
+    return (d_inp, *_linear_dparams(dy, inp, need_weight, need_bias))
+
+
+def _glu_grads_and_h(dh, a, b, act, triton):
+    """(h, da, db) in one pass over gate and up; packed (b is None): (h, d gate_up, None)."""
+    if b is None:
+        return (*ops.glu_packed_bwd_with_h(dh, a, act, triton), None)
+    return ops.glu_bwd_with_h(dh, a, b, act, triton)
 
 
 def _cast(grad, like):
@@ -149,14 +162,12 @@ class _GLUDown(torch.autograd.Function):
         a, b, weight = ctx.saved_tensors
         need_a, need_b, need_w, need_bias = ctx.needs_input_grad[:4]
         act, triton = ctx.activation, ctx.triton
-        h = ops.glu_fwd_recompute(a, b, act, triton) if b is not None else ops.glu_packed_fwd_recompute(a, act, triton)
-        dh, dw, dbias = _linear_bwd(dy, h, weight, need_a or need_b, need_w, need_bias)
-        da = db = None
-        if dh is not None:
-            if b is not None:
-                da, db = ops.glu_bwd(dh, a, b, act, triton)
-            else:
-                da = ops.glu_packed_bwd(dh, a, act, triton)
+        h = da = db = None
+        if need_a or need_b:  # dh needs only W; h for dW comes out of the same pass as da, db
+            h, da, db = _glu_grads_and_h(_linear_dinput(dy, weight, a.dtype), a, b, act, triton)
+        elif need_w:
+            h = _recompute_glu(a, b, act, triton)
+        dw, dbias = _linear_dparams(dy, h, need_w, need_bias)
         return da, db, _cast(dw, weight), _cast(dbias, weight), None, None
 
 
@@ -306,16 +317,12 @@ class _TiledMLP(torch.autograd.Function):
         for s, e in _tiles(x2.shape[0], ctx.tile):
             xt, dyt = x2[s:e], dy2[s:e]
             a, b = _recompute_gate_up(xt, w1, b1, w2, b2, ctx.dtype)  # (n, I) each, or (n, 2I)
-            h = _recompute_glu(a, b, act, triton)
-            dh, dwd, dbd = _linear_bwd(dyt, h, wd, True, nwd, nbd)
+            h, da, db = _glu_grads_and_h(_linear_dinput(dyt, wd, a.dtype), a, b, act, triton)
+            dwd, dbd = _linear_dparams(dyt, h, nwd, nbd)
             acc["wd"].add(dwd)
             acc["bd"].add(dbd)
-            if b is None:
-                da = ops.glu_packed_bwd(dh, a, act, triton)
-                dxt, dw1, db1 = _linear_bwd(da, xt, w1, nx, nw1, nb1)
-            else:
-                da, db = ops.glu_bwd(dh, a, b, act, triton)
-                dxt, dw1, db1 = _linear_bwd(da, xt, w1, nx, nw1, nb1)
+            dxt, dw1, db1 = _linear_bwd(da, xt, w1, nx, nw1, nb1)
+            if b is not None:
                 dxu, dw2, db2 = _linear_bwd(db, xt, w2, nx, nw2, nb2)
                 acc["w2"].add(dw2)
                 acc["b2"].add(db2)
@@ -419,6 +426,7 @@ def packed_forward(module, state, x):
     if _plain_linear(down_proj):
         return _GLUDown.apply(gate_up, None, down_proj.weight, down_proj.bias, act, triton)
     return _recompute(lambda gu: down_proj(ops.glu_packed_fwd(gu, act, triton)), (gate_up,), down_proj)
+
 
 
 FORWARDS = {"split": split_forward, "packed": packed_forward}

@@ -48,17 +48,19 @@ def _fwd_impl(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Te
     return h
 
 
-def _torch_bwd(dh, gate, up, activation: str) -> tuple[Tensor, Tensor]:
-    """(dgate, dup) exactly as eager autograd forms them for act(gate) * up."""
+def _torch_bwd(dh, gate, up, activation: str, with_h: bool = False):
+    """(dgate, dup) exactly as eager autograd forms them for act(gate) * up; with_h adds h."""
     act = act_forward(activation, gate)
-    return act_backward(activation, dh * up, gate, act), dh * act
+    grads = (act_backward(activation, dh * up, gate, act), dh * act)
+    return (act * up, *grads) if with_h else grads
 
 
-def _triton_bwd(dh, gate, up, dgate, dup, activation: str) -> None:
+def _triton_bwd(dh, gate, up, dgate, dup, activation: str, h=None) -> None:
     """Writes the grads of act(gate) * up into dgate and dup (fresh buffers or views of one)."""
     from . import kernels
 
-    kernels.glu_bwd(_rows(dh), _rows(gate), _rows(up), _rows(dgate), _rows(dup), activation)
+    kernels.glu_bwd(_rows(dh), _rows(gate), _rows(up), _rows(dgate), _rows(dup), activation,
+                    None if h is None else _rows(h))
 
 
 # ---- split form -------------------------------------------------------------------------
@@ -181,3 +183,38 @@ def linear_recompute(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @linear_recompute.register_fake
 def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# Backward with h recomputed in the same pass: (h, dgate, dup) from (dh, gate, up) reads gate and
+# up once, where a separate recompute forward and backward would read them twice. For the
+# default memory mode, whose backward needs h only for down_proj's weight gradient.
+
+@torch.library.custom_op("swiglu_hf::glu_bwd_with_h", mutates_args=())
+def glu_bwd_with_h(dh: Tensor, gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if not use_triton:
+        return _torch_bwd(dh, gate, up, activation, with_h=True)
+    h, dgate, dup = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(3))
+    _triton_bwd(dh, gate, up, dgate, dup, activation, h=h)
+    return h, dgate, dup
+
+
+@glu_bwd_with_h.register_fake
+def _(dh, gate, up, activation, use_triton):
+    return tuple(torch.empty_like(gate, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+@torch.library.custom_op("swiglu_hf::glu_packed_bwd_with_h", mutates_args=())
+def glu_packed_bwd_with_h(dh: Tensor, x: Tensor, activation: str, use_triton: bool) -> tuple[Tensor, Tensor]:
+    gate, up = _halves(x)
+    if not use_triton:
+        h, dgate, dup = _torch_bwd(dh, gate, up, activation, with_h=True)
+        return h, torch.cat((dgate, dup), dim=-1)
+    h = torch.empty(gate.shape, dtype=x.dtype, device=x.device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _triton_bwd(dh, gate, up, *_halves(dx), activation, h=h)
+    return h, dx
+
+
+@glu_packed_bwd_with_h.register_fake
+def _(dh, x, activation, use_triton):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2)), torch.empty_like(x, memory_format=torch.contiguous_format)

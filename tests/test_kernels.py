@@ -114,3 +114,22 @@ def test_second_backward_through_retained_graph_is_identical(backend):
     second = torch.autograd.grad(loss, (gate, up, x))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert not any(torch.equal(g, torch.zeros_like(g)) for g in first)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_backward_with_h_equals_forward_and_plain_backward(backend, activation):
+    from swiglu_hf import ops
+
+    triton = backend == "triton"
+    torch.manual_seed(5)
+    gate, up, dh = torch.randn(3, 40, 77), torch.randn(3, 40, 77), torch.randn(3, 40, 77)
+    h, dgate, dup = ops.glu_bwd_with_h(dh, gate, up, activation, triton)
+    assert torch.equal(h, ops.glu_fwd(gate, up, activation, triton))
+    want = ops.glu_bwd(dh, gate, up, activation, triton)
+    assert torch.equal(dgate, want[0]) and torch.equal(dup, want[1])
+    packed = torch.cat((gate, up), dim=-1)
+    h2, dx = ops.glu_packed_bwd_with_h(dh, packed, activation, triton)
+    # vs the packed ops, not the split ones: CPU eager rounds strided halves on another code path
+    assert torch.equal(h2, ops.glu_packed_fwd(packed, activation, triton))
+    assert torch.equal(dx, ops.glu_packed_bwd(dh, packed, activation, triton))
