@@ -9,6 +9,7 @@
 #   tests     TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py       -> OUTDIR/gpu_tests.log
 #   kernel    swiglu-hf bench kernel                                   -> OUTDIR/kernel.json, kernel.md
 #   memory    swiglu-hf bench memory, if that subcommand exists        -> OUTDIR/memory.md
+#   mlp       swiglu-hf bench mlp (time + peak memory, T=8k/32k)       -> appended to OUTDIR/memory.md
 #   finetune  swiglu-hf finetune, if that subcommand exists            -> OUTDIR/finetune/results.{md,json}
 #   summary   every step's exit status and duration, key numbers       -> OUTDIR/summary.md
 # A failing step does not stop the later ones. Only the 8 files above are written to OUTDIR (the
@@ -128,7 +129,7 @@ for name, path in (("Memory", "memory.md"), ("Fine-tuning", os.path.join("finetu
     p = os.path.join(out, path)
     if os.path.exists(p):
         body = open(p, errors="replace").read().splitlines()
-        lines += ["", f"## {name} ({path}, first lines)", ""] + body[:40]
+        lines += ["", f"## {name} ({path}, first lines)", ""] + body[:80]
 
 for name, rc, secs, limit, note, logpath in steps:
     if rc not in ("0", "skip") and logpath and os.path.exists(logpath):
@@ -261,6 +262,7 @@ if has_subcommand bench memory; then
     args=()
     if grep -q -- '--hidden' "$SCRATCH/help.txt"; then args+=(--hidden 4096); fi
     if grep -q -- '--intermediate' "$SCRATCH/help.txt"; then args+=(--intermediate 14336); fi
+    if grep -q -- '--budget-gb' "$SCRATCH/help.txt"; then args+=(--budget-gb 20 --layers 32); fi
     md_flag=0
     if grep -q -- '--md' "$SCRATCH/help.txt"; then args+=(--md "$SCRATCH/memory.md"); md_flag=1; fi
     step memory 60 "$SCRATCH/memory.log" "${CLI[@]}" bench memory "${args[@]}"
@@ -271,6 +273,16 @@ if has_subcommand bench memory; then
     fi
 else
     record memory skip 0 0 "not run: no 'swiglu-hf bench memory' in this tree" ""
+fi
+
+# ---- one MLP layer fwd+bwd, time and peak memory, Llama-3-8B shape (appended to memory.md) ---
+if has_subcommand bench mlp; then
+    step mlp 75 "$SCRATCH/mlp.log" "${CLI[@]}" bench mlp --hidden 4096 --intermediate 14336 --tokens 8k,32k
+    if [[ -f "$SCRATCH/mlp.log" ]]; then
+        { echo; echo "## One MLP layer, fwd+bwd (swiglu-hf bench mlp)"; echo; cat "$SCRATCH/mlp.log"; } >>"$OUT/memory.md"
+    fi
+else
+    record mlp skip 0 0 "not run: no 'swiglu-hf bench mlp' in this tree" ""
 fi
 
 # ---- fine-tuning comparison (written by another module; run only if it exists) -------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHES = ("bench_kernel", "bench_memory")  # module names under swiglu_hf, each with add_parser(bench_sub)
+BENCHES = ("bench_kernel", "bench_memory", "bench_mlp")  # module names under swiglu_hf, each with add_parser(bench_sub)
 
 
 def add_parser(sub) -> None:
