@@ -11,13 +11,17 @@ from .errors import (
     InvalidDtypeError,
     InvalidInputError,
     NoGatedMLPError,
+    NotPicklableError,
+    PatchRefusedWarning,
     SelfCheckError,
     SwigluError,
     UnknownBackendError,
     UnsupportedActivationError,
+    UnsupportedModuleError,
 )
+from .classpatch import disable_class_patching, enable_class_patching, patching
 from .functional import swiglu
-from .patch import apply_swiglu_patch, patched_modules, revert_swiglu_patch
+from .patch import PatchReport, apply_swiglu_patch, patch_report, patched_modules, revert_swiglu_patch
 from .verification import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -27,6 +31,11 @@ __all__ = [
     "apply_swiglu_patch",
     "revert_swiglu_patch",
     "patched_modules",
+    "patch_report",
+    "PatchReport",
+    "patching",
+    "enable_class_patching",
+    "disable_class_patching",
     "swiglu",
     "verify",
     "VerifyReport",
@@ -37,5 +46,8 @@ __all__ = [
     "UnknownBackendError",
     "BackendUnavailableError",
     "NoGatedMLPError",
+    "NotPicklableError",
     "SelfCheckError",
+    "UnsupportedModuleError",
+    "PatchRefusedWarning",
 ]

@@ -25,9 +25,21 @@ class BackendUnavailableError(SwigluError, RuntimeError):
     """The requested backend cannot run on this machine (e.g. Triton on CPU without the interpreter)."""
 
 
+class NotPicklableError(SwigluError, TypeError):
+    """A patched model was pickled whole (torch.save(model)); save its state_dict or revert first."""
+
+
 class NoGatedMLPError(SwigluError, ValueError):
     """apply_swiglu_patch found no module it could patch."""
 
 
 class SelfCheckError(SwigluError, ValueError):
     """The fused forward disagreed with the module's own forward on a random probe."""
+
+
+class UnsupportedModuleError(SwigluError, ValueError):
+    """A module has a gated-MLP structure but a layout or extra math the fused forward does not implement."""
+
+
+class PatchRefusedWarning(UserWarning):
+    """apply_swiglu_patch(strict=False) left gated modules unpatched; the message lists each with its reason."""

@@ -428,5 +428,6 @@ def packed_forward(module, state, x):
     return _recompute(lambda gu: down_proj(ops.glu_packed_fwd(gu, act, triton)), (gate_up,), down_proj)
 
 
+from .experts import experts_forward  # noqa: E402  (MoE experts form: swiglu_hf/experts.py)
 
-FORWARDS = {"split": split_forward, "packed": packed_forward}
+FORWARDS = {"split": split_forward, "packed": packed_forward, "experts": experts_forward}

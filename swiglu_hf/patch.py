@@ -7,8 +7,10 @@ module is touched; `revert_swiglu_patch` puts back exactly the forwards that wer
 
 from __future__ import annotations
 
+import copy
 import types
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -16,11 +18,16 @@ from torch import nn
 
 from .activations import ACTIVATIONS, activation_of, describe
 from .backend import check_backend, ensure_triton
-from .errors import InvalidInputError, NoGatedMLPError, SelfCheckError, UnsupportedActivationError
+from . import experts
+from .errors import (
+    InvalidInputError, NoGatedMLPError, NotPicklableError, PatchRefusedWarning, SelfCheckError, SwigluError,
+    UnsupportedActivationError, UnsupportedModuleError,
+)
 from .mlp import FORWARDS, check_tile_tokens
-from .recipes import Recipe, load_recipes, match_recipe
+from .recipes import TENSOR_FORMS, Recipe, load_recipes, match_recipe
 
 STATE_ATTR = "_swiglu_hf"
+REPORT_ATTR = "_swiglu_hf_report"  # on the model apply_swiglu_patch was called with
 
 # Relative L2 error allowed between the fused and the stock forward on the patch-time probe.
 # It only has to separate "same math, other rounding" (<= a few ulps) from a wrong formula
@@ -36,11 +43,44 @@ class PatchState:
     attr: str  # "forward", or accelerate's "_old_forward" when a hook wraps the forward
     original: Callable | None  # the instance attribute we replaced; None = the class's forward
     tile_tokens: int | str | None = None  # None: default mode (saves H+2I); int or "auto": tiled (saves H)
+    probe_pending: str | None = None  # patched on meta weights: the module name whose probe runs at first forward
+
+    # A bound method of the fused forward cannot be unpickled (pickle stores it as
+    # getattr(module, "_fused_forward")): torch.save(model) would write a file torch.load cannot
+    # read. Refuse at save time instead; copy/deepcopy keep working.
+    def __reduce_ex__(self, protocol):
+        raise NotPicklableError(
+            "a model patched by swiglu_hf cannot be pickled whole (torch.save(model)): save "
+            "model.state_dict() or model.save_pretrained(dir) (the weights are the stock ones) and call "
+            "apply_swiglu_patch after loading, or revert_swiglu_patch(model) before torch.save"
+        )
+
+    def __copy__(self):
+        return type(self)(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def __deepcopy__(self, memo):
+        return type(self)(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
 
 
-def _fused_forward(self, x):
+@dataclass
+class PatchReport:
+    """What the last apply_swiglu_patch on a model did: patched units (name -> recipe form) and
+    refused ones (name -> reason). strict=True never leaves a report with refusals (it raises)."""
+
+    patched: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.patched)} gated module(s) patched, {len(self.refused)} refused"]
+        lines += [f"  refused {name}: {reason}" for name, reason in self.refused.items()]
+        return "\n".join(lines)
+
+
+def _fused_forward(self, *args, **kwargs):
     state = self.__dict__[STATE_ATTR]
-    return FORWARDS[state.recipe.form](self, state, x)
+    if state.probe_pending is not None:
+        _deferred_self_check(self, state)
+    return FORWARDS[state.recipe.form](self, state, *args, **kwargs)
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -50,6 +90,11 @@ def is_patched(module: nn.Module) -> bool:
 def patched_modules(model: nn.Module) -> list[str]:
     """Qualified names of the modules whose forward is currently the fused one."""
     return [name for name, module in model.named_modules() if is_patched(module)]
+
+
+def patch_report(model: nn.Module) -> PatchReport | None:
+    """The PatchReport of the last apply_swiglu_patch(model, ...), or None if there was none."""
+    return model.__dict__.get(REPORT_ATTR)
 
 
 def default_filter(name: str, module: nn.Module) -> bool:
@@ -91,7 +136,11 @@ def _probe_input(module: nn.Module, recipe: Recipe):
 def _self_check(name: str, module: nn.Module, state: PatchState) -> None:
     """Run one random probe through the stock and the fused forward; raise if they disagree."""
     if any(p.is_meta for p in module.parameters()):
-        return  # no data to compare; the class is checked again when patched with real weights
+        state.probe_pending = name  # no data to compare yet: _fused_forward probes at the first real forward
+        return
+    if state.recipe.form == "experts":
+        return experts.self_check(name, module, state, _stock_forward(module, state), _PROBE_RTOL.get(
+            next(p.dtype for p in module.parameters() if p.is_floating_point()), 1e-4))
     x = _probe_input(module, state.recipe)
     if x is None:
         raise SelfCheckError(f"{name} ({type(module).__name__}): cannot build a probe input (no in_features/weight)")
@@ -101,6 +150,12 @@ def _self_check(name: str, module: nn.Module, state: PatchState) -> None:
         with torch.no_grad():
             want = _stock_forward(module, state)(x)
             got = FORWARDS[state.recipe.form](module, state, x)
+    except Exception as err:
+        raise SelfCheckError(
+            f"{name} ({type(module).__name__}): the patch-time probe (a random (2, 3, hidden) input through the "
+            f"module's own forward and the fused one) raised {type(err).__name__}: {err}. It was left unpatched; "
+            "exclude it with filter_fn=..."
+        ) from err
     finally:
         for m, training in modes.items():
             m.training = training
@@ -122,9 +177,48 @@ def _self_check(name: str, module: nn.Module, state: PatchState) -> None:
         )
 
 
+def _deferred_self_check(module: nn.Module, state: PatchState) -> None:
+    """The probe of a module patched while its weights were on the meta device, at its first real forward.
+
+    Until it passes, every forward raises SelfCheckError: the fused forward never runs unchecked.
+    """
+    if any(p.is_meta for p in module.parameters()):
+        return  # still no data (e.g. a shape-only forward on meta)
+    name, state.probe_pending = state.probe_pending, None
+    device_type = next(module.parameters()).device.type
+    try:
+        with torch.autocast(device_type, enabled=False):  # the probe compares in the weights' own dtype
+            _self_check(name, module, state)
+    except BaseException:
+        state.probe_pending = name
+        raise
+
+
 def _mlp_like_classes(model: nn.Module) -> list[str]:
     keys = ("mlp", "feedforward", "ffn", "expert")
     return sorted({type(m).__name__ for m in model.modules() if any(k in type(m).__name__.lower() for k in keys)})
+
+
+def _candidate(name: str, module: nn.Module, recipe: Recipe, act) -> str:
+    """The activation name of a matched module, or a typed error saying why it cannot be patched."""
+    cls = type(module).__name__
+    if recipe.form in TENSOR_FORMS:
+        reason = experts.refusal(module, recipe.projections, act)
+        if reason is not None:
+            raise UnsupportedModuleError(f"{name} ({cls}) has the {recipe.name} structure but {reason}")
+    activation = activation_of(act)
+    if activation is None:
+        raise UnsupportedActivationError(
+            f"{name} ({cls}) uses activation {describe(act)}, which the fused kernels do "
+            f"not implement (supported: {', '.join(ACTIVATIONS)})"
+        )
+    return activation
+
+
+_STRICT_HINT = (
+    ". Nothing was patched; exclude it with filter_fn=..., or pass strict=False to patch the rest "
+    "and get a report (swiglu_hf.patch_report(model))."
+)
 
 
 def apply_swiglu_patch(
@@ -133,27 +227,40 @@ def apply_swiglu_patch(
     backend: str = "auto",
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     tile_tokens: int | str | None = None,
+    strict: bool = True,
 ) -> nn.Module:
     """Replace the gated-MLP forward of every matching module of `model` with the fused one.
 
     In place; returns `model`. `backend`: "auto" (Triton on CUDA, PyTorch elsewhere), "triton"
     or "torch". `filter_fn(name, module) -> bool` restricts which matched modules are patched.
-    Raises before touching the model if nothing matches, an activation is unsupported, the
-    backend cannot run, or the patch-time probe shows the fused forward disagreeing.
+    Raises before touching the model if nothing matches or the backend cannot run.
+
+    strict=True (default): a module with a gated structure that cannot be patched (unsupported
+    activation or layout, or the patch-time probe shows the fused forward disagreeing) raises and
+    the model is left untouched. strict=False: those modules are left as they are, the rest is
+    patched, and a PatchRefusedWarning lists each refused module with its reason; the same is in
+    `swiglu_hf.patch_report(model).refused`.
 
     Memory (per token, saved for backward; swiglu_hf.mlp): by default x, gate and up (H + 2I; h is
     recomputed in backward). `tile_tokens=N` (or "auto") runs the MLP N tokens at a time and saves
-    only x (H; gate and up are recomputed per tile in backward).
+    only x (H; gate and up are recomputed per tile in backward). MoE experts modules
+    (swiglu_hf.experts) always run the default mode.
     """
     check_backend(backend)
     tile_tokens = check_tile_tokens(tile_tokens)
+    if filter_fn is not None and not callable(filter_fn):
+        raise InvalidInputError(
+            f"filter_fn must be a callable (name, module) -> bool, got {type(filter_fn).__name__} {filter_fn!r}"
+        )
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"apply_swiglu_patch expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(strict, bool):
+        raise InvalidInputError(f"strict must be True or False, not {strict!r}")
     if backend == "triton":
         ensure_triton(_model_device(model))
     keep = filter_fn or default_filter
 
-    plans, already = [], []
+    plans, already, refused = [], [], {}
     for name, module in model.named_modules():
         if is_patched(module):
             state = module.__dict__[STATE_ATTR]
@@ -169,40 +276,63 @@ def apply_swiglu_patch(
         if found is None or not keep(name, module):
             continue
         recipe, act = found
-        activation = activation_of(act)
-        if activation is None:
-            raise UnsupportedActivationError(
-                f"{name} ({type(module).__name__}) uses activation {describe(act)}, which the fused kernels do "
-                f"not implement (supported: {', '.join(ACTIVATIONS)}). Nothing was patched; exclude it with "
-                "filter_fn=... to patch the rest."
-            )
+        try:
+            activation = _candidate(name, module, recipe, act)
+        except SwigluError as err:
+            if strict:
+                raise type(err)(f"{err}{_STRICT_HINT}") from None
+            refused[name] = str(err)
+            continue
         attr = _forward_attr(module)
         plans.append(
             (name, module, PatchState(recipe, activation, backend, attr, module.__dict__.get(attr), tile_tokens))
         )
 
-    if not plans and not already:
+    if not plans and not already and not refused:
         shapes = "; ".join(f"{r.name}: {', '.join(r.projections.values())}" for r in load_recipes())
         raise NoGatedMLPError(
             f"no gated MLP found in {type(model).__name__}. MLP-like classes seen: "
-            f"{', '.join(_mlp_like_classes(model)) or 'none'}. Recognised shapes (child modules): {shapes}."
+            f"{', '.join(_mlp_like_classes(model)) or 'none'}. Recognised shapes (child modules or, for "
+            f"experts, 3D weights): {shapes}."
         )
 
-    checked = set()
+    checked, failed = set(), {}
     for name, module, state in plans:
         key = (type(module), state.recipe.name, state.activation)
         if key not in checked:
-            _self_check(name, module, state)
             checked.add(key)
+            try:
+                _self_check(name, module, state)
+            except SelfCheckError as err:
+                if strict:
+                    raise
+                failed[key] = str(err)
+    if failed:
+        for name, module, state in plans:
+            key = (type(module), state.recipe.name, state.activation)
+            if key in failed:
+                refused[name] = failed[key] if failed[key].startswith(f"{name} ") else f"same class as: {failed[key]}"
+        plans = [p for p in plans if (type(p[1]), p[2].recipe.name, p[2].activation) not in failed]
 
     for _, module, state in plans:
         module.__dict__[STATE_ATTR] = state
         module.__dict__[state.attr] = types.MethodType(_fused_forward, module)
+    model.__dict__[REPORT_ATTR] = PatchReport(
+        {name: m.__dict__[STATE_ATTR].recipe.name for name, m in model.named_modules() if is_patched(m)}, refused
+    )
+    if refused:
+        warnings.warn(
+            f"swiglu_hf (strict=False): {len(refused)} gated module(s) left unpatched:\n"
+            + "\n".join(f"  {reason}" for reason in refused.values()),
+            PatchRefusedWarning,
+            stacklevel=2,
+        )
     return model
 
 
 def revert_swiglu_patch(model: nn.Module) -> nn.Module:
     """Restore exactly the forwards that apply_swiglu_patch replaced. In place; returns `model`."""
+    model.__dict__.pop(REPORT_ATTR, None)
     for _, module in model.named_modules():
         state = module.__dict__.pop(STATE_ATTR, None)
         if state is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .experts import use_eager_experts
 from .patch import apply_swiglu_patch, patched_modules
 
 FACTOR = 2.0
@@ -109,7 +110,7 @@ def verify(
         stock = load_model(model, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code).to(device)
         name = f"{model} ({type(stock).__name__})"
     stock.eval()
-    reference = copy.deepcopy(stock).to(torch.float64)
+    reference = use_eager_experts(copy.deepcopy(stock).to(torch.float64))  # grouped_mm has no float64 kernel
     patched = apply_swiglu_patch(copy.deepcopy(stock), backend=backend)
 
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,313 @@
+"""The fused forward for Mixture-of-Experts "experts" modules (transformers 5), and its probe.
+
+Transformers 5 keeps all experts of a layer in one module with 3D parameters (MixtralExperts,
+Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, PhiMoE, GraniteMoE, MiniMax, ...):
+
+    gate_up_proj  [E, 2I, H]   gate = FIRST half along dim 1      (transposed layout: [E, H, 2I])
+    down_proj     [E, H, I]                                        (transposed layout: [E, I, H])
+    act_fn, optional gate_up_proj_bias [E, 2I] / down_proj_bias [E, H]
+    forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)
+
+Classes decorated with `@use_experts_implementation` dispatch on config._experts_implementation
+(transformers.integrations.moe): "eager" runs the class's own per-expert loop; "grouped_mm" /
+"batched_mm" (/ "deepgemm") run shared functions that sort or gather tokens per expert and call
+`self._apply_gate(gate_up)` = act(gate) * up on the packed per-expert output. The fused forward
+keeps every routing and accumulation step of the active implementation and only replaces
+act(gate) * up:
+
+  eager        the canonical per-expert loop (one_hot mask, index_add_), with the down
+               projection through mlp._GLUDown: saves x_e and gate_up (H + 2I per routed token),
+               h = act(gate) * up is recomputed in backward.
+  grouped_mm,  transformers' own function, called with `_apply_gate` = the fused op on the packed
+  batched_mm   (S, 2I) output (halves read in place): act(gate) is never saved (H + 3I: gate_up,
+               and h, which the stock grouped/batched down GEMM saves itself).
+  bmm          Llama-4 style forward(hidden_states) over tokens pre-grouped per expert
+               (torch.bmm with [E, H, 2I]); the fused op replaces up * act(gate).
+
+tile_tokens does not apply to experts (each expert already sees a subset of tokens); they run in
+the default mode. Refused with a reason (never patched): interleaved gate/up (is_concatenated=False,
+GPT-OSS), a class-specific `_apply_gate` (clamping, alpha-scaled sigmoid, up + 1: GPT-OSS,
+DeepSeek-V4, MiniMax-M3), a post-expert norm, no act_fn, shapes matching neither layout, a
+forward signature other than the two above. The probe then runs stock and fused forwards on
+random hidden states and random top-k routing at two scales (the second large enough to hit any
+clamp), through the active implementation and, for decorated classes, the eager loop as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .backend import use_triton
+from .errors import SelfCheckError, UnsupportedModuleError
+
+# Implementations (transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS) that gate through _apply_gate.
+GATED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "deepgemm")
+_PROBE_TOKENS = 7
+_PROBE_GATE_SCALE = 32.0  # the large probe scales inputs so that max |gate_up| is about this
+
+
+def _moe():
+    from transformers.integrations import moe
+
+    return moe
+
+
+def _tensor3(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 3
+
+
+def _params(module, state):
+    p = state.recipe.projections
+    return getattr(module, p["gate_up"]), getattr(module, p["down"])
+
+
+def _transposed(gate_up: torch.Tensor, down: torch.Tensor) -> bool | None:
+    """False for [E, 2I, H] / [E, H, I], True for [E, H, 2I] / [E, I, H], None for neither."""
+    if gate_up.shape[0] != down.shape[0]:
+        return None
+    if gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1]:
+        return False
+    if gate_up.shape[2] == 2 * down.shape[1] and gate_up.shape[1] == down.shape[2]:
+        return True
+    return None
+
+
+@functools.cache
+def _signature(cls) -> str | None:
+    """ "routed" for forward(hidden_states, top_k_index, top_k_weights), "bmm" for forward(hidden_states)."""
+    fn = inspect.unwrap(cls.forward)
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params[1:]]  # drop self
+    if len(names) == 3:
+        return "routed"
+    if len(names) == 1:
+        return "bmm"
+    return None
+
+
+def _bias(module, which: str):
+    b = getattr(module, f"{which}_bias", None)
+    return b if isinstance(b, torch.Tensor) else None
+
+
+def refusal(module: nn.Module, projections: dict, act) -> str | None:
+    """Why an experts-shaped module cannot take the fused forward, or None if it can (probe pending)."""
+    cls = type(module).__name__
+    gate_up, down = getattr(module, projections["gate_up"]), getattr(module, projections["down"])
+    transposed = _transposed(gate_up, down)
+    if transposed is None:
+        return (
+            f"expert weights gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} match neither "
+            "[E, 2I, H] / [E, H, I] nor the transposed [E, H, 2I] / [E, I, H]"
+        )
+    if getattr(module, "is_concatenated", True) is False:
+        return "gate and up are interleaved along the 2I axis (is_concatenated=False), not two halves"
+    if hasattr(module, "is_transposed") and bool(module.is_transposed) != transposed:
+        return f"is_transposed={module.is_transposed} disagrees with the weight shapes"
+    if getattr(module, "has_gate", True) is False:
+        return "has_gate=False: not a gated MLP"
+    if getattr(module, "has_post_expert_norm", False):
+        return "a norm is applied to each expert's output (has_post_expert_norm=True)"
+    gate_fn = getattr(type(module), "_apply_gate", None)
+    if gate_fn is not None and gate_fn is not _moe()._default_apply_gate:
+        return (
+            f"{cls}._apply_gate computes its own gating instead of act(gate) * up "
+            "(e.g. clamping, an alpha-scaled sigmoid, up + 1)"
+        )
+    if act is None:
+        return "no act_fn attribute: the gating function is not a plain activation"
+    bias = _bias(module, projections["gate_up"]), _bias(module, projections["down"])
+    if hasattr(module, "has_bias") and bool(module.has_bias) != all(b is not None for b in bias):
+        return f"has_bias={module.has_bias} disagrees with the bias parameters found"
+    signature = _signature(type(module))
+    if signature is None:
+        return "forward signature is neither (hidden_states, top_k_index, top_k_weights) nor (hidden_states)"
+    if signature == "bmm" and (not transposed or any(b is not None for b in bias)):
+        return "forward(hidden_states) experts are supported for the bias-free [E, H, 2I] bmm layout only"
+    return None
+
+
+def implementation(module: nn.Module) -> str:
+    """The experts implementation the module's stock forward dispatches to ("eager" if not decorated)."""
+    if not hasattr(module, "is_concatenated") or getattr(module, "config", None) is None:
+        return "eager"
+    impl = getattr(module.config, "_experts_implementation", None)
+    return "eager" if impl in (None, "eager") else impl
+
+
+# ---- the forwards -----------------------------------------------------------------------
+
+class _FusedGate:
+    """`module` as seen by transformers' shared experts functions, with `_apply_gate` fused."""
+
+    __slots__ = ("_module", "_gate")
+
+    def __init__(self, module, gate):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_gate", gate)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def _apply_gate(self, gate_up):
+        return self._gate(gate_up)
+
+
+def _eager(module, state, hidden_states, top_k_index, top_k_weights, triton):
+    """The canonical per-expert loop of transformers 5 (MixtralExperts.forward), fused."""
+    from .mlp import _GLUDown
+
+    gate_up_w, down_w = _params(module, state)
+    p = state.recipe.projections
+    gate_up_b, down_b = _bias(module, p["gate_up"]), _bias(module, p["down"])
+    transposed = _transposed(gate_up_w, down_w)
+    num_experts, act = gate_up_w.shape[0], state.activation
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        x = hidden_states[token_idx]  # (n, H)
+        w1, wd = gate_up_w[expert_idx], down_w[expert_idx]
+        if transposed:
+            w1, wd = w1.t(), wd.t()
+        b1 = None if gate_up_b is None else gate_up_b[expert_idx]
+        bd = None if down_b is None else down_b[expert_idx]
+        gate_up = F.linear(x, w1, b1)  # (n, 2I), gate first
+        if torch.is_grad_enabled():
+            y = _GLUDown.apply(gate_up, None, wd, bd, act, triton)  # saves gate_up, not h
+        else:
+            y = F.linear(ops.glu_packed_fwd(gate_up, act, triton), wd, bd)
+        y = y * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, y.to(final.dtype))
+    return final
+
+
+def _bmm(module, state, hidden_states, triton):
+    """Llama-4 style: tokens pre-grouped per expert, [E, H, 2I] / [E, I, H] weights."""
+    gate_up_w, down_w = _params(module, state)
+    hidden = gate_up_w.shape[1]
+    x = hidden_states.view(gate_up_w.shape[0], -1, hidden)  # (E, n, H)
+    gate_up = torch.bmm(x, gate_up_w)  # (E, n, 2I)
+    h = ops.glu_packed_fwd(gate_up, state.activation, triton)  # (E, n, I)
+    return torch.bmm(h, down_w).view(-1, hidden)
+
+
+def _routing_args(module, args, kwargs):
+    names = [n for n in inspect.signature(inspect.unwrap(type(module).forward)).parameters][1:3]
+    values = list(args[:2]) + [kwargs[n] for n in names[len(args):]]
+    return values[0], values[1]
+
+
+def experts_forward(module, state, hidden_states, *args, impl: str | None = None, **kwargs):
+    """The fused forward bound on an experts module; `impl` overrides the dispatch (probe only)."""
+    triton = use_triton(state.backend, hidden_states.device)
+    if _signature(type(module)) == "bmm":
+        return _bmm(module, state, hidden_states, triton)
+    top_k_index, top_k_weights = _routing_args(module, args, kwargs)
+    impl = impl or implementation(module)
+    if impl == "eager":
+        return _eager(module, state, hidden_states, top_k_index, top_k_weights, triton)
+    if impl in GATED_IMPLEMENTATIONS:
+        fn = _moe().ALL_EXPERTS_FUNCTIONS[impl]
+        gate = functools.partial(ops.glu_packed_fwd, activation=state.activation, use_triton=triton)
+        return fn(_FusedGate(module, gate), hidden_states, top_k_index, top_k_weights)
+    raise UnsupportedModuleError(
+        f"{type(module).__name__}: experts_implementation={impl!r} is not supported by the fused forward "
+        f"(supported: eager, {', '.join(GATED_IMPLEMENTATIONS)}); call revert_swiglu_patch(model) first"
+    )
+
+
+# ---- the probe --------------------------------------------------------------------------
+
+def _probe_inputs(module, state, scale_to: float | None):
+    gate_up_w, down_w = _params(module, state)
+    transposed = _transposed(gate_up_w, down_w)
+    experts, hidden = gate_up_w.shape[0], gate_up_w.shape[1] if transposed else gate_up_w.shape[2]
+    dev, dtype = gate_up_w.device, gate_up_w.dtype
+    gen = torch.Generator(device=dev).manual_seed(0)  # private RNG: the global stream is untouched
+    if _signature(type(module)) == "bmm":
+        x = torch.randn(experts * 3, hidden, generator=gen, device=dev, dtype=dtype)
+        route = ()
+    else:
+        k = min(2, experts)
+        x = torch.randn(_PROBE_TOKENS, hidden, generator=gen, device=dev, dtype=dtype)
+        idx = torch.stack([torch.randperm(experts, generator=gen, device=dev)[:k] for _ in range(_PROBE_TOKENS)])
+        w = torch.rand(_PROBE_TOKENS, k, generator=gen, device=dev, dtype=dtype) + 0.5
+        route = (idx, w)
+    if scale_to is not None:
+        w1 = gate_up_w if transposed else gate_up_w.transpose(1, 2)
+        peak = (x.float() @ w1.float()).abs().max().item()
+        if peak > 0:
+            x = x * (scale_to / peak)
+    return x, route
+
+
+def _rel_err(got, want) -> float:
+    ok = torch.isfinite(want)
+    if not torch.equal(ok, torch.isfinite(got)):
+        return float("inf")
+    den = want[ok].double().norm().clamp_min(1e-30)
+    return ((got[ok].double() - want[ok].double()).norm() / den).item()
+
+
+def self_check(name: str, module: nn.Module, state, stock_forward, rtol: float) -> None:
+    """Stock vs fused on random routing at two scales; through the active and the eager implementation."""
+    cls = type(module).__name__
+    impl = implementation(module)
+    pairs = [(impl, stock_forward)]
+    original = getattr(type(module).forward, "__wrapped__", None)
+    if impl != "eager" and original is not None and _signature(type(module)) == "routed":
+        pairs.append(("eager", functools.partial(original, module)))
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            for scale in (None, _PROBE_GATE_SCALE):
+                x, route = _probe_inputs(module, state, scale)
+                for which, stock in pairs:
+                    want = stock(x, *route)
+                    got = experts_forward(module, state, x, *route, impl=which)
+                    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+                        raise SelfCheckError(
+                            f"{name} ({cls}) returns {type(want).__name__} of shape {getattr(want, 'shape', None)}, "
+                            f"not a tensor like the fused experts forward's {tuple(got.shape)}"
+                        )
+                    err = _rel_err(got, want)
+                    if err > rtol:
+                        raise SelfCheckError(
+                            f"{name} ({cls}): fused experts forward ({state.activation}, implementation {which!r}) "
+                            f"differs from the module's own forward on a random probe (relative error {err:.3g} > "
+                            f"{rtol:g}{', inputs scaled to |gate_up| ~ %g' % scale if scale else ''}). The module does "
+                            "extra math or orders its halves differently; it was left unpatched. "
+                            "Exclude it with filter_fn=... if this is expected."
+                        )
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def use_eager_experts(model: nn.Module) -> nn.Module:
+    """Switch every decorated experts module of `model` to the "eager" implementation, in place.
+
+    For float64 reference copies: torch's grouped_mm has no float64 kernel. Affects the configs of
+    this model only (a deepcopy has its own).
+    """
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if hasattr(m, "is_concatenated") and config is not None and hasattr(config, "_experts_implementation_internal"):
+            config._experts_implementation_internal = "eager"
+    return model

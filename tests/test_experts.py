@@ -1,0 +1,256 @@
+"""MoE experts form, strict/non-strict refusals, nothing-left-behind coverage, class-level mode.
+
+Numerics follow tests/reference.py / swiglu_hf.verification: against a float64 copy, the patched
+error may be at most FACTOR (2) x the stock error + FLOOR_ULPS (4) eps.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import swiglu_hf
+from swiglu_hf import apply_swiglu_patch, patch_report, patched_modules, revert_swiglu_patch
+from swiglu_hf import verification
+from swiglu_hf.experts import implementation, use_eager_experts
+
+_TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+MOE = {
+    "mixtral": dict(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(intermediate_size=40, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                      head_dim=8, decoder_sparse_step=1, mlp_only_layers=[]),
+    "olmoe": dict(intermediate_size=40, num_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=24,
+                      num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+}
+
+
+def tiny(model_type, seed=0, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**_TINY, **MOE.get(model_type, {}), **extra})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _ids(seed=0, shape=(2, 9)):
+    return torch.randint(3, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_matches_float64(stock, patched, ids):
+    """Logits, loss and every gradient: patched err <= FACTOR * stock err + FLOOR eps (vs float64)."""
+    reference = use_eager_experts(copy.deepcopy(stock).to(torch.float64))
+    ref = verification._run(reference, ids)
+    s, p = verification._run(stock, ids), verification._run(patched, ids)
+    floor = verification.FLOOR_ULPS * torch.finfo(torch.float32).eps
+    assert set(p[2]) == set(s[2]) == set(ref[2])
+    for name, (a, b, r) in {"logits": (s[0], p[0], ref[0]), "loss": (s[1], p[1], ref[1]),
+                            **{n: (s[2][n], p[2][n], g) for n, g in ref[2].items()}}.items():
+        se, pe = verification._rel_err(a, r), verification._rel_err(b, r)
+        assert pe <= verification.FACTOR * se + floor, f"{name}: patched {pe:.3e} vs stock {se:.3e}"
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager", "batched_mm"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "olmoe"])
+def test_experts_match_stock_torch_backend(model_type, impl):
+    stock = tiny(model_type)
+    stock.set_experts_implementation(impl)
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    experts = [n for n in patched_modules(patched) if n.endswith("experts")]
+    assert len(experts) == 2 and patch_report(patched).patched[experts[0]] == "experts"
+    assert implementation(patched.model.layers[0].mlp.experts) == impl
+    ids = _ids()
+    _assert_matches_float64(stock, patched, ids)
+    # the torch path runs the same aten ops: the forward is bitwise equal to stock
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, patched(ids).logits)
+
+
+def test_experts_triton_interpreter_path():
+    stock = tiny("mixtral", num_hidden_layers=1)
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="triton")
+    assert len(patched_modules(patched)) == 1
+    _assert_matches_float64(stock, patched, _ids(shape=(1, 6)))
+
+
+def test_experts_eager_saves_no_activation_output():
+    """Eager path: per expert only x_e and gate_up (2I) are saved, not act(gate), up or h."""
+    from swiglu_hf.memory import saved_activation_bytes
+
+    stock = tiny("mixtral", num_hidden_layers=1)
+    stock.set_experts_implementation("eager")
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    x = torch.randn(11, 32, requires_grad=True)
+    idx = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(i))[:2] for i in range(11)])
+    w = torch.rand(11, 2)
+    sizes = {}
+    for label, model in (("stock", stock), ("patched", patched)):
+        experts = model.model.layers[0].mlp.experts
+        sizes[label] = saved_activation_bytes(lambda: experts(x, idx, w).sum())
+    # stock saves gate, act(gate), up and h (4I) per routed token more than x; fused 2I
+    routed = 11 * 2 * 4  # tokens * k * fp32 bytes
+    assert sizes["stock"] - sizes["patched"] == routed * 2 * 40, sizes
+
+
+class GptOssLike(nn.Module):
+    """GPT-OSS experts layout: interleaved halves, clamping, alpha-scaled gate, (up + 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 2 * 24))
+        self.down_proj = nn.Parameter(torch.randn(4, 24, 16))
+        self.act_fn = nn.SiLU()  # a decoy: the forward does not use it
+
+    def forward(self, hidden_states, router_indices, routing_weights):
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            for k, e in enumerate(router_indices[t].tolist()):
+                gu = hidden_states[t] @ self.gate_up_proj[e]
+                gate, up = gu[::2].clamp(max=7.0), gu[1::2].clamp(-7.0, 7.0)
+                h = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+                out[t] += routing_weights[t, k] * (h @ self.down_proj[e])
+        return out
+
+
+def test_real_gpt_oss_is_refused_with_reason_and_left_untouched():
+    model = tiny("gpt_oss", intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                 layer_types=["sliding_attention", "full_attention"])
+    forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    with pytest.raises(swiglu_hf.UnsupportedModuleError, match=r"experts \(GptOssExperts\).*interleaved"):
+        apply_swiglu_patch(model)
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards
+    assert patch_report(model) is None
+
+
+def test_look_alike_refused_by_the_probe():
+    model = nn.Sequential(GptOssLike())
+    with pytest.raises(swiglu_hf.SelfCheckError, match="GptOssLike"):
+        apply_swiglu_patch(model)
+    assert patched_modules(model) == []
+
+
+def test_strict_false_patches_the_rest_and_reports():
+    from tests.test_patch import PlainMLP, ScaledMLP
+
+    model = nn.Sequential(PlainMLP(), ScaledMLP(), GptOssLike())
+    with pytest.warns(swiglu_hf.PatchRefusedWarning, match=r"2 gated module\(s\) left unpatched") as rec:
+        assert apply_swiglu_patch(model, strict=False) is model
+    assert "ScaledMLP" in str(rec[0].message) and "GptOssLike" in str(rec[0].message)
+    report = patch_report(model)
+    assert report.patched == {"0": "split"}
+    assert set(report.refused) == {"1", "2"} and "differs from the module's own forward" in report.refused["1"]
+    assert patched_modules(model) == ["0"]
+    revert_swiglu_patch(model)
+    assert patch_report(model) is None and patched_modules(model) == []
+
+
+def test_strict_true_raises_and_touches_nothing():
+    from tests.test_patch import PlainMLP
+
+    model = nn.Sequential(PlainMLP(), GptOssLike())
+    with pytest.raises(swiglu_hf.SelfCheckError, match="strict=False|GptOssLike"):
+        apply_swiglu_patch(model)
+    assert patched_modules(model) == [] and patch_report(model) is None
+
+
+def test_shared_expert_and_dense_layers_are_patched():
+    model = tiny("qwen2_moe")
+    apply_swiglu_patch(model, backend="torch")
+    report = patch_report(model).patched
+    assert report == {
+        "model.layers.0.mlp.experts": "experts", "model.layers.0.mlp.shared_expert": "split",
+        "model.layers.1.mlp.experts": "experts", "model.layers.1.mlp.shared_expert": "split",
+    }
+    _assert_matches_float64(tiny("qwen2_moe"), model, _ids())
+
+
+def test_deepseek_v3_dense_first_layer_and_shared_experts():
+    from swiglu_hf.sweep import build
+
+    stock = build("deepseek_v3")
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    assert patch_report(patched).patched == {
+        "model.layers.0.mlp": "split", "model.layers.1.mlp.experts": "experts",
+        "model.layers.1.mlp.shared_experts": "split",
+    }
+    _assert_matches_float64(stock, patched, _ids(shape=(2, 8)))
+
+
+def test_multimodal_language_tower_is_patched():
+    from swiglu_hf.sweep import build
+
+    stock = build("llava")
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    names = patched_modules(patched)
+    assert names and all(".language_model." in n for n in names), names
+    assert len(names) == stock.config.text_config.num_hidden_layers
+    _assert_matches_float64(stock, patched, _ids(shape=(2, 8)))
+
+
+# ---- class-level mode ---------------------------------------------------------------------
+
+def _base_attrs():
+    from transformers import PreTrainedModel
+
+    return {k: PreTrainedModel.__dict__.get(k) for k in ("__init__", "post_init", "from_pretrained")}
+
+
+def test_patching_context_patches_models_built_inside_and_restores_classes():
+    before = _base_attrs()
+    with swiglu_hf.patching(backend="torch"):
+        assert _base_attrs() != before
+        model = tiny("qwen2_moe")
+    assert _base_attrs() == before
+    assert all(after is b for after, b in zip(_base_attrs().values(), before.values()))
+    assert len(patched_modules(model)) == 4
+    assert len(patched_modules(tiny("mixtral"))) == 0  # built outside: untouched
+    _assert_matches_float64(tiny("qwen2_moe"), model, _ids())
+
+
+def test_patching_nested_and_exception_inside_restore_everything():
+    before = _base_attrs()
+    with pytest.raises(RuntimeError, match="boom"):
+        with swiglu_hf.patching(backend="torch"):
+            with swiglu_hf.patching(backend="torch", tile_tokens=4):
+                inner = tiny("mixtral")
+            outer = tiny("mixtral")
+            raise RuntimeError("boom")
+    assert _base_attrs() == before and not swiglu_hf.classpatch.class_patching_enabled()
+    states = [m._swiglu_hf.tile_tokens for m in inner.modules() if "_swiglu_hf" in m.__dict__]
+    assert states == [4, 4]
+    assert [m._swiglu_hf.tile_tokens for m in outer.modules() if "_swiglu_hf" in m.__dict__] == [None, None]
+
+
+def test_enable_disable_pair_and_inner_models_patched_once():
+    from swiglu_hf.sweep import build
+
+    token = swiglu_hf.enable_class_patching(backend="torch")
+    try:
+        model = build("llava")  # vision tower + language model: only the outer model is patched
+    finally:
+        swiglu_hf.disable_class_patching(token)
+    assert patched_modules(model) and patch_report(model) is not None
+    assert not swiglu_hf.classpatch.class_patching_enabled()
+    with pytest.raises(swiglu_hf.InvalidInputError, match="unknown"):
+        swiglu_hf.enable_class_patching(bakend="torch")
+    assert not swiglu_hf.classpatch.class_patching_enabled()
+
+
+def test_patching_from_pretrained_patches_after_weights_load(tmp_path):
+    stock = tiny("mixtral")
+    stock.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    with swiglu_hf.patching(backend="torch"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no meta-device warning on this path
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert len(patched_modules(loaded)) == 2
+    loaded.eval()
+    with torch.no_grad():
+        ids = _ids()
+        assert torch.equal(loaded(ids).logits, stock(ids).logits)
