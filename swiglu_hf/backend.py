@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .errors import BackendUnavailableError, UnknownBackendError
+from .errors import BackendUnavailableError, InvalidDtypeError, UnknownBackendError
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -42,11 +42,23 @@ def ensure_triton(device: torch.device) -> None:
     raise BackendUnavailableError(f"backend='triton' does not run on {device.type} tensors; use backend='torch'")
 
 
-def use_triton(backend: str, device: torch.device) -> bool:
-    """Resolve a backend name for tensors on `device`: True means the Triton kernels run."""
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels compute in fp32
+
+
+def use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Resolve a backend name for tensors on `device` of `dtype`: True means the Triton kernels run.
+
+    "auto" keeps float64 on the PyTorch path (the kernels would silently compute it in fp32);
+    "triton" refuses it.
+    """
     if backend == "torch":
         return False
     if backend == "auto":
-        return device.type == "cuda" and triton_installed()
+        return device.type == "cuda" and dtype in KERNEL_DTYPES and triton_installed()
     ensure_triton(device)
+    if dtype not in KERNEL_DTYPES:
+        raise InvalidDtypeError(
+            f"backend='triton' computes in fp32 and supports float32/float16/bfloat16, not {dtype}; "
+            "use backend='auto' or 'torch' for it"
+        )
     return True

@@ -214,7 +214,7 @@ def _routing_args(module, args, kwargs):
 
 def experts_forward(module, state, hidden_states, *args, impl: str | None = None, **kwargs):
     """The fused forward bound on an experts module; `impl` overrides the dispatch (probe only)."""
-    triton = use_triton(state.backend, hidden_states.device)
+    triton = use_triton(state.backend, hidden_states.device, hidden_states.dtype)
     if _signature(type(module)) == "bmm":
         return _bmm(module, state, hidden_states, triton)
     top_k_index, top_k_weights = _routing_args(module, args, kwargs)

@@ -155,6 +155,7 @@ class _GLUDown(torch.autograd.Function):
         h = ops.glu_fwd(a, b, activation, triton) if b is not None else ops.glu_packed_fwd(a, activation, triton)
         ctx.save_for_backward(a, b, weight)
         ctx.activation, ctx.triton = activation, triton
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return F.linear(h, weight, bias)
 
     @staticmethod
@@ -162,13 +163,14 @@ class _GLUDown(torch.autograd.Function):
         a, b, weight = ctx.saved_tensors
         need_a, need_b, need_w, need_bias = ctx.needs_input_grad[:4]
         act, triton = ctx.activation, ctx.triton
-        h = da = db = None
-        if need_a or need_b:  # dh needs only W; h for dW comes out of the same pass as da, db
-            h, da, db = _glu_grads_and_h(_linear_dinput(dy, weight, a.dtype), a, b, act, triton)
+        h = dgate = dup = None  # packed: dgate is the grad of gate_up, dup stays None
+        if need_a or need_b:  # dh needs only W; h for dW comes out of the same pass as dgate, dup
+            h, dgate, dup = _glu_grads_and_h(_linear_dinput(dy, weight, a.dtype), a, b, act, triton)
         elif need_w:
             h = _recompute_glu(a, b, act, triton)
         dw, dbias = _linear_dparams(dy, h, need_w, need_bias)
-        return da, db, _cast(dw, weight), _cast(dbias, weight), None, None
+        dbias = None if dbias is None else dbias.to(ctx.bias_dtype)
+        return dgate, dup, _cast(dw, weight), dbias, None, None
 
 
 def _rng_capture(device: torch.device):
@@ -185,6 +187,17 @@ def _rng_replay(state, device: torch.device):
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], device)
         yield
+
+
+def _amp_capture(device: torch.device):
+    """The forward's autocast state, re-entered around a backward recompute (as checkpoint does)."""
+    t = device.type
+    return t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t), torch.is_autocast_cache_enabled()
+
+
+def _amp_replay(state):
+    t, enabled, dtype, cache = state
+    return torch.autocast(device_type=t, enabled=enabled, dtype=dtype, cache_enabled=cache)
 
 
 def _random(module: nn.Module) -> bool:
@@ -224,6 +237,7 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx, fn, n_inputs, rng, *tensors):
         inputs, params = tensors[:n_inputs], tensors[n_inputs:]
         ctx.fn, ctx.n_inputs, ctx.rng, ctx.params = fn, n_inputs, rng, params
+        ctx.amp = _amp_capture(inputs[0].device)
         ctx.save_for_backward(*inputs)
         return fn(*inputs)
 
@@ -231,7 +245,7 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx, dy):
         inputs, n = ctx.saved_tensors, ctx.n_inputs
         needs = ctx.needs_input_grad[3:]
-        with _rng_replay(ctx.rng, dy.device):
+        with _rng_replay(ctx.rng, dy.device), _amp_replay(ctx.amp):
             d_inputs, d_params = _grads_of(ctx.fn, list(inputs), ctx.params, dy, needs[:n], needs[n:])
         return (None, None, None, *d_inputs, *d_params)
 
@@ -257,8 +271,8 @@ class _Accumulator:
         if part is None or self.like is None:
             return
         dtype = torch.float32 if self.like.element_size() < 4 else self.like.dtype
-        part = part.to(dtype)
-        self.total = part if self.total is None else self.total.add_(part)
+        # the first partial is copied: add_ must never write into a tensor autograd handed us
+        self.total = part.to(dtype, copy=True) if self.total is None else self.total.add_(part.to(dtype))
 
     def result(self):
         return None if self.total is None else self.total.to(self.like.dtype)
@@ -317,13 +331,13 @@ class _TiledMLP(torch.autograd.Function):
         for s, e in _tiles(x2.shape[0], ctx.tile):
             xt, dyt = x2[s:e], dy2[s:e]
             a, b = _recompute_gate_up(xt, w1, b1, w2, b2, ctx.dtype)  # (n, I) each, or (n, 2I)
-            h, da, db = _glu_grads_and_h(_linear_dinput(dyt, wd, a.dtype), a, b, act, triton)
+            h, dgate, dup = _glu_grads_and_h(_linear_dinput(dyt, wd, a.dtype), a, b, act, triton)
             dwd, dbd = _linear_dparams(dyt, h, nwd, nbd)
             acc["wd"].add(dwd)
             acc["bd"].add(dbd)
-            dxt, dw1, db1 = _linear_bwd(da, xt, w1, nx, nw1, nb1)
+            dxt, dw1, db1 = _linear_bwd(dgate, xt, w1, nx, nw1, nb1)  # packed: dgate is d gate_up
             if b is not None:
-                dxu, dw2, db2 = _linear_bwd(db, xt, w2, nx, nw2, nb2)
+                dxu, dw2, db2 = _linear_bwd(dup, xt, w2, nx, nw2, nb2)
                 acc["w2"].add(dw2)
                 acc["b2"].add(db2)
                 if nx:
@@ -350,6 +364,7 @@ class _TiledRecompute(torch.autograd.Function):
                 y = yt.new_empty((x2.shape[0], yt.shape[-1]))
             y[s:e] = yt
         ctx.fn, ctx.tile, ctx.rngs, ctx.params = fn, tile, rngs, params
+        ctx.amp = _amp_capture(x.device)
         ctx.save_for_backward(x)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -361,7 +376,7 @@ class _TiledRecompute(torch.autograd.Function):
         dx = torch.empty_like(x2) if need_x else None
         acc = [_Accumulator(p) for p in ctx.params]
         for (s, e), rng in zip(_tiles(x2.shape[0], ctx.tile), ctx.rngs):
-            with _rng_replay(rng, x.device):
+            with _rng_replay(rng, x.device), _amp_replay(ctx.amp):
                 (dxt,), dps = _grads_of(ctx.fn, [x2[s:e]], ctx.params, dy2[s:e], [need_x], need_params)
             for a, g in zip(acc, dps):
                 a.add(g)
@@ -383,7 +398,7 @@ def _tiled(module, state, x, projections, down, glu_fwd):
         # Only reached with random submodules: draw dropout masks tile by tile, as the grad-mode
         # path does, so a reentrant checkpoint's no-grad forward and its recompute agree.
         return _TiledRecompute.apply(glu_fwd, tile, random, x)
-    triton = use_triton(state.backend, x.device)
+    triton = use_triton(state.backend, x.device, x.dtype)
     if all(_plain_linear(m) for m in (*projections, down)):
         (w1, b1), (w2, b2) = [(m.weight, m.bias) for m in projections] + [(None, None)] * (2 - len(projections))
         return _TiledMLP.apply(x, w1, b1, w2, b2, down.weight, down.bias, state.activation, triton, tile)
@@ -395,7 +410,7 @@ def _tiled(module, state, x, projections, down, glu_fwd):
 def split_forward(module, state, x):
     p = state.recipe.projections
     gate_proj, up_proj, down_proj = getattr(module, p["gate"]), getattr(module, p["up"]), getattr(module, p["down"])
-    act, triton = state.activation, use_triton(state.backend, x.device)
+    act, triton = state.activation, use_triton(state.backend, x.device, x.dtype)
 
     def plain(x):
         return down_proj(ops.glu_fwd(gate_proj(x), up_proj(x), act, triton))
@@ -413,7 +428,7 @@ def split_forward(module, state, x):
 def packed_forward(module, state, x):
     p = state.recipe.projections
     gate_up_proj, down_proj = getattr(module, p["gate_up"]), getattr(module, p["down"])
-    act, triton = state.activation, use_triton(state.backend, x.device)
+    act, triton = state.activation, use_triton(state.backend, x.device, x.dtype)
 
     def plain(x):
         return down_proj(ops.glu_packed_fwd(gate_up_proj(x), act, triton))

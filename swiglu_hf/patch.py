@@ -32,6 +32,7 @@ REPORT_ATTR = "_swiglu_hf_report"  # on the model apply_swiglu_patch was called 
 # Relative L2 error allowed between the fused and the stock forward on the patch-time probe.
 # It only has to separate "same math, other rounding" (<= a few ulps) from a wrong formula
 # (swapped halves, an extra scale), which is off by O(1).
+_PROBE_SCALES = (1.0, 32.0)
 _PROBE_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
@@ -80,6 +81,8 @@ def _fused_forward(self, *args, **kwargs):
     state = self.__dict__[STATE_ATTR]
     if state.probe_pending is not None:
         _deferred_self_check(self, state)
+    if not args and len(kwargs) == 1 and state.recipe.form != "experts":
+        args, kwargs = tuple(kwargs.values()), {}  # mlp(x=...) / mlp(hidden_states=...): one input either way
     return FORWARDS[state.recipe.form](self, state, *args, **kwargs)
 
 
@@ -148,8 +151,9 @@ def _self_check(name: str, module: nn.Module, state: PatchState) -> None:
     module.eval()  # dropout (e.g. LoRA's) would draw different masks for the two forwards
     try:
         with torch.no_grad():
-            want = _stock_forward(module, state)(x)
-            got = FORWARDS[state.recipe.form](module, state, x)
+            # unit scale, then gates far from 0, where a clamp or a saturating look-alike shows
+            pairs = [(_stock_forward(module, state)(s * x), FORWARDS[state.recipe.form](module, state, s * x))
+                     for s in _PROBE_SCALES]
     except Exception as err:
         raise SelfCheckError(
             f"{name} ({type(module).__name__}): the patch-time probe (a random (2, 3, hidden) input through the "
@@ -159,22 +163,23 @@ def _self_check(name: str, module: nn.Module, state: PatchState) -> None:
     finally:
         for m, training in modes.items():
             m.training = training
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        raise SelfCheckError(
-            f"{name} ({type(module).__name__}) returns {type(want).__name__} of shape "
-            f"{getattr(want, 'shape', None)}, not a tensor like the fused forward's {tuple(got.shape)}; "
-            f"it is not a plain {state.recipe.name} gated MLP. Exclude it with filter_fn=..."
-        )
-    ok = torch.isfinite(want)
-    err = (got[ok].double() - want[ok].double()).norm() / want[ok].double().norm().clamp_min(1e-30)
-    tol = _PROBE_RTOL.get(x.dtype, 1e-4)
-    if not torch.equal(ok, torch.isfinite(got)) or err > tol:
-        raise SelfCheckError(
-            f"{name} ({type(module).__name__}): fused forward ({state.recipe.name}, {state.activation}) differs "
-            f"from the module's own forward on a random probe (relative error {err:.3g} > {tol:g}). "
-            "The module does extra math or orders its halves differently; it was left unpatched. "
-            "Exclude it with filter_fn=... if this is expected."
-        )
+    for scale, (want, got) in zip(_PROBE_SCALES, pairs):
+        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+            raise SelfCheckError(
+                f"{name} ({type(module).__name__}) returns {type(want).__name__} of shape "
+                f"{getattr(want, 'shape', None)}, not a tensor like the fused forward's {tuple(got.shape)}; "
+                f"it is not a plain {state.recipe.name} gated MLP. Exclude it with filter_fn=..."
+            )
+        ok = torch.isfinite(want)
+        err = (got[ok].double() - want[ok].double()).norm() / want[ok].double().norm().clamp_min(1e-30)
+        tol = _PROBE_RTOL.get(x.dtype, 1e-4)
+        if not torch.equal(ok, torch.isfinite(got)) or err > tol:
+            raise SelfCheckError(
+                f"{name} ({type(module).__name__}): fused forward ({state.recipe.name}, {state.activation}) differs "
+                f"from the module's own forward on a random probe at input scale {scale:g} (relative error "
+                f"{err:.3g} > {tol:g}). The module does extra math or orders its halves differently; it was left "
+                "unpatched. Exclude it with filter_fn=... if this is expected."
+            )
 
 
 def _deferred_self_check(module: nn.Module, state: PatchState) -> None:
@@ -260,7 +265,7 @@ def apply_swiglu_patch(
         ensure_triton(_model_device(model))
     keep = filter_fn or default_filter
 
-    plans, already, refused = [], [], {}
+    plans, already, refused, filtered = [], [], {}, []
     for name, module in model.named_modules():
         if is_patched(module):
             state = module.__dict__[STATE_ATTR]
@@ -273,7 +278,10 @@ def apply_swiglu_patch(
             already.append(name)
             continue
         found = match_recipe(module)
-        if found is None or not keep(name, module):
+        if found is None:
+            continue
+        if not keep(name, module):
+            filtered.append(name)
             continue
         recipe, act = found
         try:
@@ -288,6 +296,11 @@ def apply_swiglu_patch(
             (name, module, PatchState(recipe, activation, backend, attr, module.__dict__.get(attr), tile_tokens))
         )
 
+    if not plans and not already and not refused and filtered:
+        raise NoGatedMLPError(
+            f"filter_fn excluded all {len(filtered)} gated MLP(s) of {type(model).__name__} "
+            f"(e.g. {filtered[0]}); nothing to patch. Check the names it is given (module qualified names)."
+        )
     if not plans and not already and not refused:
         shapes = "; ".join(f"{r.name}: {', '.join(r.projections.values())}" for r in load_recipes())
         raise NoGatedMLPError(
@@ -296,7 +309,7 @@ def apply_swiglu_patch(
             f"experts, 3D weights): {shapes}."
         )
 
-    checked, failed = set(), {}
+    checked, failed, deferred = set(), {}, set()
     for name, module, state in plans:
         key = (type(module), state.recipe.name, state.activation)
         if key not in checked:
@@ -307,6 +320,10 @@ def apply_swiglu_patch(
                 if strict:
                     raise
                 failed[key] = str(err)
+            if state.probe_pending is not None:
+                deferred.add(key)
+        elif key in deferred:  # no data yet: every instance probes at its own first real forward
+            state.probe_pending = name
     if failed:
         for name, module, state in plans:
             key = (type(module), state.recipe.name, state.activation)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .experts import use_eager_experts
-from .patch import apply_swiglu_patch, patched_modules
+from .patch import apply_swiglu_patch, patched_modules, revert_swiglu_patch
 
 FACTOR = 2.0
 FLOOR_ULPS = 4.0
@@ -104,14 +104,20 @@ def verify(
     """Compare stock vs patched (logits, loss, all gradients, greedy tokens) on one batch."""
     from .models import load_model
 
+    given = None
     if isinstance(model, torch.nn.Module):
-        stock, name = copy.deepcopy(model).to(device=device, dtype=dtype), type(model).__name__
+        given = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        # an already patched model is checked as it is, against its reverted (stock) copy
+        stock, name = revert_swiglu_patch(copy.deepcopy(given)), type(model).__name__
     else:
         stock = load_model(model, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code).to(device)
         name = f"{model} ({type(stock).__name__})"
     stock.eval()
     reference = use_eager_experts(copy.deepcopy(stock).to(torch.float64))  # grouped_mm has no float64 kernel
-    patched = apply_swiglu_patch(copy.deepcopy(stock), backend=backend)
+    if given is not None and patched_modules(given):
+        patched = given
+    else:
+        patched = apply_swiglu_patch(copy.deepcopy(stock), backend=backend)
 
     gen = torch.Generator().manual_seed(seed)
     vocab = stock.config.vocab_size

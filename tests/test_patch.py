@@ -250,3 +250,28 @@ def test_self_check_in_train_mode_with_dropout_keeps_training_flags():
     apply_swiglu_patch(model)
     assert len(patched_modules(model)) == 2
     assert all(m.training for m in model.modules())
+
+
+class ClampedMLP(_Split):
+    """Equal to a plain SwiGLU MLP for small gates; clamps large ones (a swiglu-limit look-alike)."""
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x).clamp(max=4.0)) * self.up_proj(x))
+
+
+def test_self_check_probes_large_gates_too():
+    model = nn.Sequential(ClampedMLP())  # unit-scale probe gates (std ~0.6) stay below the clamp
+    with pytest.raises(swiglu_hf.SelfCheckError, match="scale 32"):
+        apply_swiglu_patch(model)
+
+
+def test_keyword_input_reaches_the_fused_forward():
+    model = apply_swiglu_patch(build_tiny("tiny-phi3"))
+    mlp, stock = model.model.layers[0].mlp, build_tiny("tiny-phi3").model.layers[0].mlp
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(mlp(hidden_states=x), stock(hidden_states=x))
+
+
+def test_filter_excluding_every_match_says_so():
+    with pytest.raises(swiglu_hf.NoGatedMLPError, match="filter_fn"):
+        apply_swiglu_patch(build_tiny("tiny-llama"), filter_fn=lambda name, module: False)

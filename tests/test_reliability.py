@@ -594,3 +594,47 @@ def test_load_model_asks_transformers_for_local_safetensors_without_remote_code(
     assert len(calls) == 1
     assert calls[0]["trust_remote_code"] is False and calls[0]["local_files_only"] is True
     assert calls[0]["use_safetensors"] is True
+
+
+def test_lora_down_proj_under_autocast_matches_stock_backward():
+    """The recompute path (a wrapped down_proj) re-enters the forward's autocast state in backward."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from swiglu_hf import apply_swiglu_patch
+    from swiglu_hf.models import build_tiny
+
+    stock = get_peft_model(build_tiny("tiny-llama"), LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
+    for tile in (None, 4):
+        patched = apply_swiglu_patch(copy.deepcopy(stock), tile_tokens=tile)
+        ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+        grads = []
+        for model in (stock, patched):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads.append([p.grad for p in model.parameters() if p.requires_grad])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-3)  # bf16 autocast rounding, same math
+
+
+def test_verify_of_an_already_patched_model_compares_against_real_stock(monkeypatch):
+    from swiglu_hf import apply_swiglu_patch, verify
+    from swiglu_hf.models import build_tiny
+
+    model = apply_swiglu_patch(build_tiny("tiny-llama"))
+    for m in model.modules():
+        if "_swiglu_hf" in m.__dict__:
+            m._swiglu_hf.activation = "gelu"  # wrong math in the patched model handed to verify
+    report = verify(model)
+    assert not report.ok  # its stock copy was reverted, so the wrong activation shows
+
+
+def test_float64_on_auto_backend_stays_on_the_torch_path():
+    from swiglu_hf.backend import use_triton
+
+    assert use_triton("auto", torch.device("cuda"), torch.float64) is False
+    with pytest.raises(swiglu_hf.InvalidDtypeError, match="float64"):
+        use_triton("triton", torch.device("cpu"), torch.float64)
