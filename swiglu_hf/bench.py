@@ -8,7 +8,7 @@ BENCHES = ("bench_kernel", "bench_memory", "bench_mlp")  # module names under sw
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (kernel bandwidth, activation memory)")
+    p = sub.add_parser("bench", help="benchmarks (kernel bandwidth, activation memory, MLP layer time/peak memory)")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     for name in BENCHES:
         importlib.import_module(f"swiglu_hf.{name}").add_parser(bench_sub)

@@ -5,7 +5,7 @@ Forward, per element, in the order eager PyTorch rounds (dtype = the input dtype
     a  = round_dtype(act(float32(gate)))            # stock: act_fn(gate) returns a dtype tensor
     h  = round_dtype(a * float32(up))               # stock: dtype * dtype multiply
 
-Backward, recomputing the activation from the saved gate (nothing else is saved):
+Backward, recomputing the activation from the saved gate and up (act(gate) is not saved):
 
     du    = round_dtype(dh * a)                     # grad of the `* up` input
     dact  = round_dtype(dh * float32(up))           # grad flowing into act_fn

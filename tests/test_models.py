@@ -108,3 +108,9 @@ def test_local_directory_roundtrip_with_safetensors(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="safetensors"):
         verify(str(empty))
+
+
+def test_quickstart_example_runs():
+    out = subprocess.run([sys.executable, "examples/quickstart.py"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "patched: ['model.layers.0.mlp', 'model.layers.1.mlp']" in out.stdout and "PASS" in out.stdout
