@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh OUTDIR: the prepared GPU run (one H200, no network), under 8 minutes.
+# scripts/gpu_check.sh OUTDIR: the prepared GPU run, one H200 and no network, in 7.5 minutes.
 #
-# Steps, each under its own `timeout`, all under one deadline (GPU_CHECK_BUDGET_S, default 450 s,
-# of which the last 15 s are kept for the summary):
-#   install   wheels found in ./.whl (e.g. liger-kernel), then this project: editable, no deps,
-#             no build isolation, no index (nothing is downloaded)
-#   env       nvidia-smi, versions, git commit / tree fingerprint       -> OUTDIR/env.txt
-#   tests     TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py       -> OUTDIR/gpu_tests.log
-#   kernel    swiglu-hf bench kernel                                   -> OUTDIR/kernel.json, kernel.md
-#   memory    swiglu-hf bench memory, if that subcommand exists        -> OUTDIR/memory.md
-#   mlp       swiglu-hf bench mlp (time + peak memory, T=8k/32k)       -> appended to OUTDIR/memory.md
-#   finetune  swiglu-hf finetune, if that subcommand exists            -> OUTDIR/finetune/results.{md,json}
-#   summary   every step's exit status and duration, key numbers       -> OUTDIR/summary.md
+# The device session has 15 minutes of device time, of which the machine's start takes 1-2; the
+# script runs once, so it must fit with room left: run it with the device tool's timeout_s >= 480.
+# Steps run in this order, each under its own `timeout` (SIGINT first, so pytest and the
+# benchmarks stop cleanly and print what they have; SIGKILL 10 s later), all under one deadline
+# (GPU_CHECK_BUDGET_S, default 450 s, of which the last 15 s are kept for the kill grace and the
+# summary). A step gets min(its cap, time left); the fine-tuning comparison, the project's main
+# job, runs last and gets all the time that is left (~145 s if every step used its whole cap,
+# ~180 s or more in practice):
+#   step      cap s  what                                                   -> OUTDIR/...
+#   install      30  wheels in ./.whl (e.g. liger-kernel), then this project: editable, no deps,
+#                    no build isolation, no index (nothing is downloaded)
+#   env          10  nvidia-smi, versions, git commit / tree fingerprint    -> env.txt
+#   tests       100  TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py     -> gpu_tests.log
+#   kernel       80  swiglu-hf bench kernel, I = 8192/14336/28672 x T = 4k/64k
+#                                                                           -> kernel.json, kernel.md
+#   mlp          50  swiglu-hf bench mlp: one Llama-3-8B MLP layer fwd+bwd, time and peak memory,
+#                    T = 8k/32k                                             -> memory.md (2nd part)
+#   memory       20  swiglu-hf bench memory: saved-for-backward bytes/token -> memory.md (1st part)
+#   finetune   rest  swiglu-hf finetune --preset llama-3.2-1b --seq-len 2048 --steps 8, variants
+#                    stock,patched,tiled,liger,compile (compile last: the slowest to start; liger
+#                    is skipped, with its reason, when not importable)
+#                                                                  -> finetune/results.{md,json}
+#   summary          every step's exit status and duration, key numbers    -> summary.md
+#                    (scripts/gpu_summary.py, written from the exit trap whatever happened)
 # A failing step does not stop the later ones. Only the 8 files above are written to OUTDIR (the
 # device tool returns at most 8 files, at most 2 folders deep); other logs stay in a scratch
-# folder and the tail of a failed step's log is quoted in summary.md. Extra finetune files
-# (plots) are zipped into OUTDIR/finetune/extras.zip only when fewer than 8 files came out.
+# folder and the tail of a failed step's log is quoted in summary.md. The benchmarks rewrite
+# their outputs as they go (kernel.json after each size, finetune's results after each variant),
+# so a step stopped at its cap still leaves what it finished. Extra finetune files (plots) are
+# zipped into OUTDIR/finetune/extras.zip only when fewer than 8 files came out.
 #
 # Exit status: 0 when every step that ran passed, 1 otherwise; summary.md is written either way.
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450), SKIP_INSTALL=1 (use
@@ -27,7 +42,7 @@
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #         --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
 # and let .whl/ travel with the working tree (untracked and not git-ignored, or in `carry`).
-# Without it the liger columns say "not importable" and the finetune run drops its liger variant.
+# Without it the liger columns say "not importable" and the finetune run skips its liger variant.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -41,7 +56,7 @@ cd "$ROOT"
 
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-RESERVE=15
+RESERVE=15  # the last step's SIGKILL grace (10 s) and the summary
 T0=$(date +%s)
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 STEPS="$SCRATCH/steps.tsv"  # name, rc, seconds, limit, note, log
@@ -49,7 +64,7 @@ STEPS="$SCRATCH/steps.tsv"  # name, rc, seconds, limit, note, log
 CLI=("$PY" -m swiglu_hf.cli)
 # tests/conftest.py defaults TRITON_INTERPRET to 1 for the CPU suite: every step here needs the
 # compiled kernels. Unbuffered output, so a step killed at its limit still leaves its log.
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 PY
 FAILED=0
 FINISHED=0
 
@@ -70,8 +85,7 @@ step() {
     echo "[gpu_check] $name (limit ${limit}s): $*" >&2
     echo "\$ $* (limit ${limit}s)" >>"$log"
     start=$(date +%s)
-    # SIGINT first, so pytest and the benchmarks stop cleanly and print what they have.
-    if timeout -s INT -k 15 "$limit" "$@" >>"$log" 2>&1; then rc=0; else rc=$?; fi
+    if timeout -s INT -k 10 "$limit" "$@" >>"$log" 2>&1; then rc=0; else rc=$?; fi
     secs=$(($(date +%s) - start))
     if ((rc == 124 || rc == 137)); then note="timed out after ${limit}s"; fi
     if ((rc != 0)); then FAILED=1; fi
@@ -79,67 +93,8 @@ step() {
     echo "[gpu_check] $name: exit $rc after ${secs}s" >&2
 }
 
-has_subcommand() {  # has_subcommand WORDS...: `swiglu-hf WORDS --help` exits 0
-    "${CLI[@]}" "$@" --help >"$SCRATCH/help.txt" 2>&1
-}
-
 write_summary() {
-    "$PY" - "$OUT" "$STEPS" "$BUDGET" "$(($(date +%s) - T0))" <<'PYEOF' || {
-import json, os, re, sys
-
-out, steps_path, budget, elapsed = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-lines = ["# GPU check summary", "", f"Total {elapsed} s of a {budget} s budget.", "",
-         "| step | exit | seconds | limit s | note |", "|---|---:|---:|---:|---|"]
-steps = [l.rstrip("\n").split("\t") for l in open(steps_path) if l.strip()]
-for name, rc, secs, limit, note, _ in steps:
-    lines.append(f"| {name} | {rc} | {secs} | {limit} | {note} |")
-
-log = os.path.join(out, "gpu_tests.log")
-if os.path.exists(log):
-    text = open(log, errors="replace").read().splitlines()
-    final = [l for l in text if re.match(r"^=+ .*\b(passed|failed|skipped|error|errors|no tests ran)\b.* =+$", l)]
-    failed = [l for l in text if l.startswith(("FAILED ", "ERROR "))]
-    lines += ["", "## GPU tests", "", f"`{final[-1].strip('= ')}`" if final else "no pytest summary line"]
-    lines += [f"- {l}" for l in failed[:40]]
-
-kj = os.path.join(out, "kernel.json")
-if os.path.exists(kj):
-    k = json.load(open(kj))
-    copy = k.get("copy_gbps") or 0
-    impls = list(dict.fromkeys(r["impl"] for r in k["rows"]))
-    lines += ["", "## Kernel bandwidth (GB/s, % of copy)", "",
-              f"{k.get('device')}, {k.get('dtype')}, torch {k.get('torch')}, triton {k.get('triton')}, "
-              f"liger-kernel {k.get('liger') or 'absent'}; device copy {copy:.0f} GB/s.", ""]
-    for d in ("fwd", "bwd"):
-        lines += [f"{'Forward' if d == 'fwd' else 'Backward'}:", "",
-                  "| I | T | " + " | ".join(impls) + " |", "|---:|---:|" + "---:|" * len(impls)]
-        sizes = list(dict.fromkeys((r["intermediate"], r["tokens"]) for r in k["rows"]))
-        for I, T in sizes:
-            cells = []
-            for impl in impls:
-                r = next((r for r in k["rows"] if (r["intermediate"], r["tokens"], r["impl"]) == (I, T, impl)), None)
-                g = r and r.get(f"{d}_gbps")
-                cells.append(f"{g:.0f} ({100 * g / copy:.0f}%)" if g and copy else "-")
-            lines.append(f"| {I} | {T} | " + " | ".join(cells) + " |")
-        lines.append("")
-    notes = sorted({f"{r['impl']}: {r['note']}" for r in k["rows"] if r.get("note")})
-    lines += [f"- {n}" for n in notes[:10]]
-
-for name, path in (("Memory", "memory.md"), ("Fine-tuning", os.path.join("finetune", "results.md"))):
-    p = os.path.join(out, path)
-    if os.path.exists(p):
-        body = open(p, errors="replace").read().splitlines()
-        lines += ["", f"## {name} ({path}, first lines)", ""] + body[:80]
-
-for name, rc, secs, limit, note, logpath in steps:
-    if rc not in ("0", "skip") and logpath and os.path.exists(logpath):
-        tail = open(logpath, errors="replace").read().splitlines()[-30:]
-        lines += ["", f"## {name}: last lines of its log", "", "```"] + tail + ["```"]
-
-files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
-lines += ["", "## Files", ""] + [f"- {f}" for f in files + (["summary.md"] if "summary.md" not in files else [])]
-open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
-PYEOF
+    if ! "$PY" "$ROOT/scripts/gpu_summary.py" "$OUT" "$STEPS" "$BUDGET" "$(($(date +%s) - T0))"; then
         {   # the interpreter itself is broken: a plain summary from bash
             echo "# GPU check summary (python could not write it)"
             echo
@@ -147,7 +102,7 @@ PYEOF
             echo "|---|---:|---:|---:|---|"
             while IFS=$'\t' read -r n rc s l note _; do echo "| $n | $rc | $s | $l | $note |"; done <"$STEPS"
         } >"$OUT/summary.md"
-    }
+    fi
 }
 
 finish() {
@@ -170,7 +125,7 @@ trap finish EXIT
 # ---- install -------------------------------------------------------------------------------
 if [[ ${SKIP_INSTALL:-0} != 1 ]]; then
     # shellcheck disable=SC2016  # expanded by the inner bash
-    step install 90 "$SCRATCH/install.log" env PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+    step install 30 "$SCRATCH/install.log" env PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
         PIP_BREAK_SYSTEM_PACKAGES=1 bash -c '
         set -e
         if compgen -G ".whl/*.whl" >/dev/null; then
@@ -179,7 +134,7 @@ if [[ ${SKIP_INSTALL:-0} != 1 ]]; then
         "$0" -m pip install -q --no-index --no-deps --no-build-isolation -e .
     ' "$PY"
 fi
-if ! "$PY" -c "import swiglu_hf.patches, swiglu_hf.cli" >>"$SCRATCH/install.log" 2>&1; then
+if ! timeout 30 "$PY" -c "import swiglu_hf.patches, swiglu_hf.cli" >>"$SCRATCH/install.log" 2>&1; then
     # Not installed (e.g. no setuptools): import from the tree, mapping swiglu_hf.patches to
     # patches/ the way the editable install does.
     mkdir -p "$SCRATCH/shim"
@@ -201,7 +156,7 @@ sys.meta_path.append(_PatchesFinder())
 PYEOF
     export SWIGLU_HF_ROOT="$ROOT"
     export PYTHONPATH="$SCRATCH/shim:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    if "$PY" -c "import swiglu_hf.patches, swiglu_hf.cli" >>"$SCRATCH/install.log" 2>&1; then
+    if timeout 30 "$PY" -c "import swiglu_hf.patches, swiglu_hf.cli" >>"$SCRATCH/install.log" 2>&1; then
         record import-fallback 0 0 0 "package not installed; imported from the tree via PYTHONPATH" "$SCRATCH/install.log"
     else
         record import-fallback 1 0 0 "swiglu_hf cannot be imported" "$SCRATCH/install.log"
@@ -210,7 +165,7 @@ PYEOF
 fi
 
 # ---- env -----------------------------------------------------------------------------------
-{
+env_report() {  # run by `step` in a child bash (exported below): PY comes from the environment
     echo "# gpu_check environment, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(hostname 2>/dev/null || echo unknown-host)"
     echo
     echo "## source"
@@ -221,10 +176,10 @@ fi
             | LC_ALL=C sort | xargs sha256sum 2>/dev/null | sha256sum | cut -c1-16)"
     echo
     echo "## nvidia-smi"
-    timeout 30 nvidia-smi 2>&1 || echo "nvidia-smi failed or is absent"
+    timeout 4 nvidia-smi 2>&1 || echo "nvidia-smi failed or is absent"
     echo
     echo "## python"
-    timeout 60 "$PY" - <<'PYEOF' 2>&1 || echo "version probe failed"
+    "$PY" - <<'PYEOF' 2>&1 || echo "version probe failed"
 import importlib.metadata as md, os, platform, sys
 print("python", sys.version.split()[0], platform.platform())
 for name in ("torch", "triton", "transformers", "accelerate", "peft", "liger-kernel", "swiglu-hf",
@@ -242,81 +197,60 @@ import swiglu_hf
 print("swiglu_hf from", os.path.dirname(swiglu_hf.__file__))
 print("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET"))
 PYEOF
-} >"$OUT/env.txt" 2>&1
-record env 0 0 0 "" ""
+}
+export -f env_report
+: >"$OUT/env.txt"
+step env 10 "$OUT/env.txt" bash -c env_report
 
 # ---- GPU tests -----------------------------------------------------------------------------
-step tests 180 "$OUT/gpu_tests.log" "$PY" -m pytest -m gpu tests/test_gpu.py \
+step tests 100 "$OUT/gpu_tests.log" "$PY" -m pytest -m gpu tests/test_gpu.py \
     -v -p no:cacheprovider --tb=short --durations=15
 
-# ---- kernel bandwidth ----------------------------------------------------------------------
+# ---- kernel bandwidth: 3 intermediate sizes (Llama-3.2-1B, -3-8B, -3-70B) x 2 token counts ----
 mkdir -p "$SCRATCH/kernel"
-step kernel 130 "$SCRATCH/kernel.log" "${CLI[@]}" bench kernel \
+step kernel 80 "$SCRATCH/kernel.log" "${CLI[@]}" bench kernel --tokens 4k,64k \
     --warmup 10 --rep 50 --json "$SCRATCH/kernel/kernel.json" --md "$SCRATCH/kernel/kernel.md"
 for f in kernel.json kernel.md; do  # rewritten after each size: a timeout still leaves results
     if [[ -f "$SCRATCH/kernel/$f" ]]; then cp "$SCRATCH/kernel/$f" "$OUT/$f"; fi
 done
 
-# ---- activation memory (written by another module; run only if it exists) -----------------
-if has_subcommand bench memory; then
-    args=()
-    if grep -q -- '--hidden' "$SCRATCH/help.txt"; then args+=(--hidden 4096); fi
-    if grep -q -- '--intermediate' "$SCRATCH/help.txt"; then args+=(--intermediate 14336); fi
-    if grep -q -- '--budget-gb' "$SCRATCH/help.txt"; then args+=(--budget-gb 20 --layers 32); fi
-    md_flag=0
-    if grep -q -- '--md' "$SCRATCH/help.txt"; then args+=(--md "$SCRATCH/memory.md"); md_flag=1; fi
-    step memory 60 "$SCRATCH/memory.log" "${CLI[@]}" bench memory "${args[@]}"
-    if ((md_flag)) && [[ -f "$SCRATCH/memory.md" ]]; then
-        cp "$SCRATCH/memory.md" "$OUT/memory.md"
-    elif [[ -f "$SCRATCH/memory.log" ]]; then
-        cp "$SCRATCH/memory.log" "$OUT/memory.md"
-    fi
-else
-    record memory skip 0 0 "not run: no 'swiglu-hf bench memory' in this tree" ""
-fi
+# ---- one MLP layer fwd+bwd, time and peak memory, Llama-3-8B shape --------------------------
+step mlp 50 "$SCRATCH/mlp.log" "${CLI[@]}" bench mlp --hidden 4096 --intermediate 14336 --tokens 8k,32k
 
-# ---- one MLP layer fwd+bwd, time and peak memory, Llama-3-8B shape (appended to memory.md) ---
-if has_subcommand bench mlp; then
-    step mlp 75 "$SCRATCH/mlp.log" "${CLI[@]}" bench mlp --hidden 4096 --intermediate 14336 --tokens 8k,32k
-    if [[ -f "$SCRATCH/mlp.log" ]]; then
-        { echo; echo "## One MLP layer, fwd+bwd (swiglu-hf bench mlp)"; echo; cat "$SCRATCH/mlp.log"; } >>"$OUT/memory.md"
-    fi
-else
-    record mlp skip 0 0 "not run: no 'swiglu-hf bench mlp' in this tree" ""
-fi
-
-# ---- fine-tuning comparison (written by another module; run only if it exists) -------------
-if has_subcommand finetune; then
-    variants=stock,patched,tiled,liger,compile
-    if ! timeout 60 "$PY" -c "import liger_kernel.ops.swiglu" >/dev/null 2>&1; then
-        variants=stock,patched,tiled,compile
-        echo "liger-kernel not importable: variant liger dropped" >>"$SCRATCH/finetune.log"
-    fi
-    step finetune 240 "$SCRATCH/finetune.log" "${CLI[@]}" finetune \
-        --preset llama-3.2-1b --variants "$variants" --seq-len 2048 --steps 12 --out "$SCRATCH/finetune"
-    mkdir -p "$OUT/finetune"
-    for ext in md json; do
-        src="$SCRATCH/finetune/results.$ext"
-        if [[ ! -f $src ]]; then  # another name: take the first file of that kind
-            src=$(find "$SCRATCH/finetune" -maxdepth 2 -type f -name "*.$ext" 2>/dev/null | LC_ALL=C sort | head -1 || true)
-        fi
-        if [[ -n $src && -f $src ]]; then cp "$src" "$OUT/finetune/results.$ext"; fi
+# ---- activation bytes saved for backward (exact counts; rows printed as measured) -----------
+step memory 20 "$SCRATCH/memory.log" "${CLI[@]}" bench memory --hidden 4096 --intermediate 14336 \
+    --budget-gb 20 --layers 32
+{
+    echo "# Memory"
+    for part in "memory:Saved for backward per token per MLP layer (swiglu-hf bench memory)" \
+        "mlp:One MLP layer fwd+bwd, time and peak memory (swiglu-hf bench mlp)"; do
+        echo
+        echo "## ${part#*:}"
+        echo
+        if [[ -f "$SCRATCH/${part%%:*}.log" ]]; then cat "$SCRATCH/${part%%:*}.log"; else echo "(not run)"; fi
     done
-    if [[ ! -f "$OUT/finetune/results.md" && -f "$SCRATCH/finetune.log" ]]; then  # no results: keep its log
-        tail -200 "$SCRATCH/finetune.log" >"$OUT/finetune/results.md"
-    fi
-    # Plots and other outputs: zipped into one file, only if the 8-file limit leaves room.
-    n_out=$(find "$OUT" -type f | wc -l)  # summary.md comes later: room for a zip if n_out <= 6
-    if [[ -d "$SCRATCH/finetune" ]] && ((n_out <= 6)); then
-        (cd "$SCRATCH/finetune" && find . -type f ! -name 'results.md' ! -name 'results.json' | LC_ALL=C sort \
-            >"$SCRATCH/extras.txt")
-        if [[ -s "$SCRATCH/extras.txt" ]]; then
-            (cd "$SCRATCH/finetune" && "$PY" -c 'import sys, zipfile
+} >"$OUT/memory.md"
+
+# ---- fine-tuning comparison: all the time that is left --------------------------------------
+step finetune "$BUDGET" "$SCRATCH/finetune.log" "${CLI[@]}" finetune --preset llama-3.2-1b \
+    --variants stock,patched,tiled,liger,compile --seq-len 2048 --steps 8 --warmup-steps 2 \
+    --out "$SCRATCH/finetune"
+mkdir -p "$OUT/finetune"
+for ext in md json; do  # rewritten after each variant: a timeout keeps the variants it finished
+    if [[ -f "$SCRATCH/finetune/results.$ext" ]]; then cp "$SCRATCH/finetune/results.$ext" "$OUT/finetune/"; fi
+done
+if [[ ! -f "$OUT/finetune/results.md" && -f "$SCRATCH/finetune.log" ]]; then  # no results: keep its log
+    tail -200 "$SCRATCH/finetune.log" >"$OUT/finetune/results.md"
+fi
+# Plots and other outputs: zipped into one file, only if the 8-file limit leaves room.
+n_out=$(find "$OUT" -type f | wc -l)  # summary.md comes later: room for a zip if n_out <= 6
+if [[ -d "$SCRATCH/finetune" ]] && ((n_out <= 6)); then
+    (cd "$SCRATCH/finetune" && find . -type f ! -name 'results.md' ! -name 'results.json' | LC_ALL=C sort \
+        >"$SCRATCH/extras.txt")
+    if [[ -s "$SCRATCH/extras.txt" ]]; then
+        (cd "$SCRATCH/finetune" && "$PY" -c 'import sys, zipfile
 with zipfile.ZipFile(sys.argv[1], "w", zipfile.ZIP_DEFLATED) as z:
     for line in open(sys.argv[2]):
         z.write(line.strip())' "$OUT/finetune/extras.zip" "$SCRATCH/extras.txt") || true
-        fi
     fi
-else
-    record finetune skip 0 0 "not run: no 'swiglu-hf finetune' in this tree" ""
 fi

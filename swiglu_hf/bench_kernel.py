@@ -32,6 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .peers import PeerUnavailable, liger_silu_mul, liger_version
+
 NO_CUDA = "no CUDA device: kernel benchmark needs a GPU"
 MODELS = {8192: "Llama-3.2-1B", 14336: "Llama-3-8B", 28672: "Llama-3-70B"}
 TOKENS = (1024, 4096, 16384, 65536)
@@ -106,19 +108,9 @@ def _eager(gate, up):
 def _liger():
     """LigerSiLUMulFunction.apply, or None with the reason it is unavailable."""
     try:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except Exception as e:  # not installed, or incompatible with this torch/triton
-        return None, f"liger-kernel not importable ({type(e).__name__}: {e})"
-    return LigerSiLUMulFunction.apply, ""
-
-
-def _liger_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("liger-kernel")
-    except Exception:
-        return None
+        return liger_silu_mul(), ""
+    except PeerUnavailable as e:
+        return None, str(e)
 
 
 # ---- measuring ----------------------------------------------------------------------------
@@ -313,7 +305,7 @@ def _main(args) -> int:
         "host": platform.node(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "liger": _liger_version(),
+        "liger": liger_version(),
         "dtype": args.dtype,
         "bytes_model": "forward 3 tensors (gate, up -> h), backward 5 (dh, gate, up -> dgate, dup)",
         "timing": f"triton.testing.do_bench median, warmup {args.warmup} ms, rep {args.rep} ms",

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import torch
 
+from .errors import NoGatedMLPError, SwigluError
 from .memory import saved_activation_bytes
 from .mlp import auto_tile_tokens
 from .patch import apply_swiglu_patch, revert_swiglu_patch
+from .peers import PeerUnavailable, liger_silu_mul
 from .recipes import match_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,7 +35,12 @@ def _first_mlp(model):
         found = match_recipe(module)
         if found is not None:
             return name, module, found[0]
-    raise SystemExit(f"no gated MLP found in {type(model).__name__}")
+    classes = sorted({type(m).__name__ for m in model.modules()})
+    raise NoGatedMLPError(
+        f"no gated MLP found in {type(model).__name__} (module classes: {', '.join(classes[:20])}"
+        f"{', ...' if len(classes) > 20 else ''}); bench memory needs a model with a gated MLP, "
+        "or --hidden and --intermediate for an MLP-only measurement"
+    )
 
 
 def _sizes(module, recipe):
@@ -54,10 +62,10 @@ def _mlp_only(hidden: int, intermediate: int, dtype):
 def _liger_mlp(module, recipe):
     """The stock MLP with its act(gate) * up replaced by LigerSiLUMulFunction; or a skip reason."""
     try:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except ImportError:
+        silu_mul = liger_silu_mul()
+    except PeerUnavailable as e:
         cuda = "" if torch.cuda.is_available() else "; it also needs a CUDA device, and this machine has none"
-        return None, f"skipped: liger-kernel is not installed (pip install liger-kernel){cuda}"
+        return None, f"skipped: {e}{cuda}"
     if not torch.cuda.is_available():
         return None, "skipped: Liger-Kernel's Triton kernels need a CUDA device; this machine has none"
     if recipe.form != "split":
@@ -66,7 +74,7 @@ def _liger_mlp(module, recipe):
 
     def forward(x):
         gate, up = getattr(module, p["gate"])(x), getattr(module, p["up"])(x)
-        return getattr(module, p["down"])(LigerSiLUMulFunction.apply(gate, up))
+        return getattr(module, p["down"])(silu_mul(gate, up))
 
     return forward, ""
 
@@ -79,8 +87,15 @@ def _formula(elements_per_token: float, hidden: int, intermediate: int) -> str:
     return f"H+{k:.3g}I"
 
 
-def measure(module, recipe, *, tokens: int, tile, backend: str = "auto", compile_backend: str | None = None):
-    """[(label, bytes per token or None, note)] for one MLP module (left as it was found)."""
+def measure(module, recipe, *, tokens: int, tile, backend: str = "auto", compile_backend: str | None = None,
+            on_row=None):
+    """[(label, bytes per token or None, note)] for one MLP module (left as it was found).
+
+    on_row(row), when given, is called as each row is measured (the CLI prints it at once, so a
+    run stopped during the torch.compile row still shows the others). torch._dynamo's caches are
+    left alone: a caller that compiles many modules in one process may want torch._dynamo.reset()
+    between calls (the bench command resets once before it starts, see _main).
+    """
     param = next(module.parameters())
     hidden, intermediate = _sizes(module, recipe)
     x = torch.randn(1, tokens, hidden, dtype=param.dtype, device=param.device, requires_grad=True)
@@ -88,50 +103,63 @@ def measure(module, recipe, *, tokens: int, tile, backend: str = "auto", compile
     def per_token(fn):
         return saved_activation_bytes(lambda: fn(x)) / tokens
 
-    rows = [("stock eager", per_token(module), "")]
+    rows = []
+
+    def add(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    add(("stock eager", per_token(module), ""))
     apply_swiglu_patch(module, backend=backend)
     try:
-        rows.append(("swiglu_hf default", per_token(module), "h recomputed in backward"))
+        add(("swiglu_hf default", per_token(module), "h recomputed in backward"))
     finally:
         revert_swiglu_patch(module)
     n = tile if tile != "auto" else auto_tile_tokens(intermediate, param.element_size())
     apply_swiglu_patch(module, backend=backend, tile_tokens=tile)
     try:
-        rows.append((f"swiglu_hf tiled ({n} tok)", per_token(module), "gate/up recomputed per tile"))
+        add((f"swiglu_hf tiled ({n} tok)", per_token(module), "gate/up recomputed per tile"))
     finally:
         revert_swiglu_patch(module)
 
     liger, why = _liger_mlp(module, recipe)
-    rows.append(("Liger SiLUMul", per_token(liger) if liger else None, why))
+    add(("Liger SiLUMul", per_token(liger) if liger else None, why))
 
     be = compile_backend or ("inductor" if param.device.type == "cuda" else "aot_eager_decomp_partition")
     try:
-        torch._dynamo.reset()
         compiled = torch.compile(copy.copy(module), backend=be)
         compiled(x)  # compile outside the measurement
-        rows.append((f"torch.compile ({be})", per_token(compiled), ""))
+        row = (f"torch.compile ({be})", per_token(compiled), "")
     except Exception as e:  # report, never hide: the row says why it is missing
-        rows.append((f"torch.compile ({be})", None, f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
-    finally:
-        torch._dynamo.reset()
+        why = (str(e).splitlines() or [""])[0][:80]
+        row = (f"torch.compile ({be})", None, f"skipped: {type(e).__name__}: {why}")
+    add(row)
     return rows, hidden, intermediate
+
+
+def _head(budget_gb: float | None) -> list[str]:
+    head = f"{'mode':<44}{'bytes/token/layer':>18}{'elements':>10}{'vs stock':>10}"
+    if budget_gb is not None:
+        head += f"{'max tokens':>14}"
+    return [head, "-" * len(head)]
+
+
+def _line(row, stock, hidden, intermediate, itemsize, *, layers: int, budget_gb: float | None) -> str:
+    label, b, note = row
+    if b is None:
+        pad = 14 if budget_gb is not None else 0
+        return f"{label:<44}{'-':>18}{'':>20}{'':>{pad}}  {note}"
+    line = f"{label:<44}{b:>18,.0f}{_formula(b / itemsize, hidden, intermediate):>10}{b / stock:>9.2f}x"
+    if budget_gb is not None:
+        line += f"{math.floor(budget_gb * 2**30 / (b * layers)):>14,}"
+    return line + (f"  {note}" if note else "")
 
 
 def table(rows, hidden, intermediate, itemsize, *, layers: int, budget_gb: float | None) -> str:
     stock = rows[0][1]
-    head = f"{'mode':<44}{'bytes/token/layer':>18}{'elements':>10}{'vs stock':>10}"
-    if budget_gb is not None:
-        head += f"{'max tokens':>14}"
-    lines = [head, "-" * len(head)]
-    for label, b, note in rows:
-        if b is None:
-            pad = 14 if budget_gb is not None else 0
-            lines.append(f"{label:<44}{'-':>18}{'':>20}{'':>{pad}}  {note}")
-            continue
-        line = f"{label:<44}{b:>18,.0f}{_formula(b / itemsize, hidden, intermediate):>10}{b / stock:>9.2f}x"
-        if budget_gb is not None:
-            line += f"{math.floor(budget_gb * 2**30 / (b * layers)):>14,}"
-        lines.append(line + (f"  {note}" if note else ""))
+    lines = _head(budget_gb)
+    lines += [_line(r, stock, hidden, intermediate, itemsize, layers=layers, budget_gb=budget_gb) for r in rows]
     return "\n".join(lines)
 
 
@@ -151,6 +179,14 @@ def add_parser(bench_sub) -> None:
 
 
 def _main(args) -> int:
+    try:
+        return _run(args)
+    except SwigluError as e:
+        print(f"swiglu-hf bench memory: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     dtype = DTYPES[args.dtype]
     tile = "auto" if args.tile_tokens == "auto" else int(args.tile_tokens)
     if (args.hidden is None) != (args.intermediate is None):
@@ -160,7 +196,7 @@ def _main(args) -> int:
 
         module = _mlp_only(args.hidden, args.intermediate, dtype).to(args.device)
         recipe = next(r for r in load_recipes() if r.form == "split")
-        where, layers = f"LlamaMLP (MLP only), H={args.hidden}, I={args.intermediate}", args.layers or 1
+        where, layers = "LlamaMLP (MLP only)", args.layers or 1
     else:
         from .models import load_model
 
@@ -169,10 +205,21 @@ def _main(args) -> int:
         layers = args.layers or getattr(model.config, "num_hidden_layers", 1)
         where = f"{args.model}: {name} ({type(module).__name__}, {recipe.form})"
     module.train()
-    rows, hidden, intermediate = measure(module, recipe, tokens=args.tokens, tile=tile)
+    hidden, intermediate = _sizes(module, recipe)
+    itemsize = torch.finfo(dtype).bits // 8
     print(f"swiglu-hf bench memory: {where}, H={hidden}, I={intermediate}, {args.dtype}, "
           f"{args.tokens} tokens, {args.device}; saved-for-backward bytes per token per MLP layer")
-    print(table(rows, hidden, intermediate, torch.finfo(dtype).bits // 8, layers=layers, budget_gb=args.budget_gb))
+    print("\n".join(_head(args.budget_gb)), flush=True)
+    stock = []
+
+    def print_row(row):  # as measured: the torch.compile row comes last and takes longest
+        stock.append(row[1])
+        print(_line(row, stock[0], hidden, intermediate, itemsize, layers=layers, budget_gb=args.budget_gb), flush=True)
+
+    # This command owns its process: start torch.compile from empty dynamo caches, so the compile
+    # row is a fresh compile of this module rather than a cache hit or a recompile-limit fallback.
+    torch._dynamo.reset()
+    measure(module, recipe, tokens=args.tokens, tile=tile, on_row=print_row)
     if args.budget_gb is not None:
         print(f"max tokens: longest sequence (batch 1) whose MLP activations over {layers} layer(s) fit "
               f"{args.budget_gb:g} GiB; attention, norms, logits and weights are not counted.")

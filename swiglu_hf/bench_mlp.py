@@ -21,6 +21,7 @@ import copy
 import torch
 
 from .bench_kernel import _int_list
+from .peers import liger_swiglu_mlp
 
 VARIANTS = ("stock", "patched", "tiled", "liger", "compile")
 NO_CUDA = "no CUDA device: the MLP benchmark needs a GPU"
@@ -48,9 +49,7 @@ def _build(name: str, stock):
     if name == "compile":
         return torch.compile(copy.deepcopy(stock))
     if name == "liger":
-        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP  # ImportError -> skipped
-
-        mlp = LigerSwiGLUMLP(stock.config).to(device="cuda", dtype=torch.bfloat16)
+        mlp = liger_swiglu_mlp(stock.config).to(device="cuda", dtype=torch.bfloat16)  # PeerUnavailable -> row note
         mlp.load_state_dict(stock.state_dict())
         return mlp
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
@@ -91,23 +90,34 @@ def _main(args) -> int:
     torch.manual_seed(0)
     stock = LlamaMLP(config).to(device="cuda", dtype=torch.bfloat16)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names.sort(key=lambda n: n != "stock")  # stock first: the other rows are ratios to it
     print(f"MLP fwd+bwd, H={args.hidden}, I={args.intermediate}, bf16, {torch.cuda.get_device_name()}; "
-          "median of triton.testing.do_bench; peak = max allocated during one step above the pre-step baseline")
+          "median of triton.testing.do_bench; peak = max allocated during one step above the pre-step baseline; "
+          "'vs stock' is '-' when stock was not measured")
     print("\n| tokens | variant | ms | vs stock | peak MiB | vs stock | note |\n|---|---|---|---|---|---|---|")
     for T in args.tokens:
         gen = torch.Generator(device="cuda").manual_seed(T)
         x = torch.randn(T, args.hidden, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
         dy = torch.randn(T, args.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
-        base = None
+        stock_result = None
         for name in names:
             try:
                 r = measure(_build(name, stock), x, dy, args.rep)
             except Exception as exc:  # one variant failing (missing peer, OOM) must not hide the others
-                print(f"| {T} | {name} | - | - | - | - | {type(exc).__name__}: {str(exc).splitlines()[0][:80]} |")
+                why = (str(exc).splitlines() or [""])[0][:80]
+                print(f"| {T} | {name} | - | - | - | - | {type(exc).__name__}: {why} |", flush=True)
                 torch.cuda.empty_cache()
                 continue
-            base = base or r
-            print(f"| {T} | {name} | {r['ms']:.2f} | {r['ms'] / base['ms']:.2f}x | {r['peak_bytes'] / 2**20:,.0f} "
-                  f"| {r['peak_bytes'] / base['peak_bytes']:.2f}x | |")
+            if name == "stock":
+                stock_result = r
+            print(f"| {T} | {name} | {r['ms']:.2f} | {_ratio(r, stock_result, 'ms')} | {r['peak_bytes'] / 2**20:,.0f} "
+                  f"| {_ratio(r, stock_result, 'peak_bytes')} | |", flush=True)
             torch.cuda.empty_cache()
     return 0
+
+
+def _ratio(result: dict, stock: dict | None, key: str) -> str:
+    """result[key] / stock[key] as "1.23x"; "-" when stock failed or was not asked for."""
+    if stock is None or not stock[key]:
+        return "-"
+    return f"{result[key] / stock[key]:.2f}x"

@@ -134,12 +134,17 @@ def _wrap_from_pretrained(original):
 
 
 def _install() -> None:
+    """Wrap the three attributes; all or none: a failure part-way puts back what was replaced."""
     base = _base()
     for name in _WRAPPED:
         _saved[name] = base.__dict__.get(name, _MISSING)
-    base.__init__ = _wrap_init(base.__dict__["__init__"])
-    base.post_init = _wrap_post_init(base.__dict__["post_init"])
-    base.from_pretrained = _wrap_from_pretrained(base.__dict__["from_pretrained"])
+    try:
+        base.__init__ = _wrap_init(base.__dict__["__init__"])
+        base.post_init = _wrap_post_init(base.__dict__["post_init"])
+        base.from_pretrained = _wrap_from_pretrained(base.__dict__["from_pretrained"])
+    except BaseException:
+        _uninstall()
+        raise
 
 
 def _uninstall() -> None:

@@ -13,7 +13,9 @@ A variant whose peer is missing or cannot run on this device is skipped with a o
 Per variant: the loss at every optimizer step (averaged over processes); tokens/s and step time
 as medians over the steps after --warmup-steps, each clock read after synchronizing the device;
 peak memory over the same steps (CUDA: max allocated / reserved; CPU: peak RSS growth, see
-start_memory); and the bytes autograd saves for backward in one micro-batch forward.
+finetune_memory); and the bytes autograd saves for backward in one micro-batch forward.
+results.json and results.md are rewritten after each variant, so a run stopped part-way (a
+timeout, Ctrl-C) keeps the variants it finished; the plots are drawn at the end.
 
 Run `python examples/finetune.py` or `swiglu-hf finetune`; under DDP on CPU (gloo):
 `accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --device cpu --steps 3`
@@ -25,15 +27,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
-import gc
-import importlib.util
-import inspect
 import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +39,10 @@ import torch
 from torch import nn
 
 from .errors import SwigluError
+from .finetune_memory import memory_kind, read_memory, start_memory
 from .memory import track_saved
 from .patch import apply_swiglu_patch
+from .peers import PeerUnavailable, apply_liger_swiglu_mlp
 
 VARIANTS = ("stock", "patched", "tiled", "liger", "compile")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -203,22 +203,14 @@ def prepare_base(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
 # ---- variants -----------------------------------------------------------------------------
 
 def _apply_liger(model: nn.Module, device: torch.device) -> nn.Module:
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise VariantUnavailable("liger-kernel is not installed (pip install liger-kernel)")
     if device.type != "cuda":
         raise VariantUnavailable(f"Liger-Kernel's Triton kernels need a CUDA device, this run is on {device.type}")
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
-    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(base.config.model_type)
-    params = inspect.signature(apply_fn).parameters if apply_fn else {}
-    if "swiglu" not in params:  # liger's own instance API would silently do nothing here
-        raise VariantUnavailable(f"Liger-Kernel has no SwiGLU MLP for model type {base.config.model_type!r}")
-    # Only the MLP, so the comparison isolates it. Liger also rebinds the family's MLP class in
-    # transformers for the whole process; instances built earlier (our base copy) keep theirs.
-    off = dict(rope=False, rms_norm=False, cross_entropy=False, fused_linear_cross_entropy=False)
-    apply_fn(model=base, swiglu=True, **{k: v for k, v in off.items() if k in params})
-    return model
+    try:
+        # Only the MLP, so the comparison isolates it. Liger also rebinds the family's MLP class
+        # in transformers for the whole process; instances built earlier (our base copy) keep theirs.
+        return apply_liger_swiglu_mlp(model)
+    except PeerUnavailable as why:
+        raise VariantUnavailable(str(why)) from None
 
 
 def apply_variant(name: str, model: nn.Module, device: torch.device) -> nn.Module:
@@ -228,8 +220,6 @@ def apply_variant(name: str, model: nn.Module, device: torch.device) -> nn.Modul
     if name == "patched":
         return apply_swiglu_patch(model)
     if name == "tiled":
-        if "tile_tokens" not in inspect.signature(apply_swiglu_patch).parameters:
-            raise VariantUnavailable("this swiglu_hf has no tiled mode (apply_swiglu_patch takes no tile_tokens=)")
         return apply_swiglu_patch(model, tile_tokens="auto")
     if name == "liger":
         return _apply_liger(model, device)
@@ -239,70 +229,12 @@ def apply_variant(name: str, model: nn.Module, device: torch.device) -> nn.Modul
     return torch.compile(model)
 
 
-# ---- measurements -------------------------------------------------------------------------
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise KeyError(field)
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5 = reset peak RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def memory_kind(device: torch.device) -> str:
-    if device.type == "cuda":
-        return ("CUDA max_memory_allocated over the timed steps: weights, grads, optimizer state, activations "
-                "(max reserved in peak_reserved_bytes)")
-    if _reset_rss_peak():
-        return ("CPU peak RSS growth over the timed steps, above the RSS between steps (Linux VmHWM): "
-                "grads, activations, temporaries and glibc heap retention; weights and optimizer state "
-                "are in the baseline")
-    return "unavailable: CPU peak RSS needs Linux /proc/self/clear_refs"
-
-
-def start_memory(device: torch.device) -> int | None:
-    """Reset the peak counters; returns the CPU RSS baseline (None where it cannot be measured).
-
-    Called after the warm-up steps, so one-time costs (thread pools, autotuning buffers, lazy
-    optimizer state) are not charged to whichever variant runs first. On CPU glibc's free lists
-    are trimmed first: memory freed earlier but kept by glibc would be reused without raising RSS.
-    Within the steps glibc still keeps freed chunks (its mmap threshold adapts upwards), so RSS
-    is the heap's high-water mark, not live tensors; MALLOC_MMAP_THRESHOLD_=65536 in the
-    environment makes it track live tensors closely, at the price of slower steps.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0
-    trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-    return _status_bytes("VmRSS") if _reset_rss_peak() else None
-
-
-def read_memory(device: torch.device, baseline: int | None) -> dict:
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
-    return {"peak_memory_bytes": None if baseline is None else _status_bytes("VmHWM") - baseline}
-
+# ---- training -----------------------------------------------------------------------------
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-# ---- training -----------------------------------------------------------------------------
 
 def train_variant(accelerator, model: nn.Module, batches: list[torch.Tensor], cfg: FinetuneConfig, progress) -> dict:
     """Train `model` on `batches`; returns losses, timing medians and memory for the variant."""
@@ -368,8 +300,13 @@ def _device_name(accelerator) -> str:
     return f"{device} ({where}) x {accelerator.num_processes} process(es)"
 
 
-def run(cfg: FinetuneConfig) -> dict:
-    """Train every variant of cfg.variants; returns the results (on every process)."""
+def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None) -> dict:
+    """Train every variant of cfg.variants; returns the results (on every process).
+
+    on_variant(results), when given, is called after each variant is trained or skipped, with the
+    results so far (results["pending"] lists the variants still to come); the CLI writes
+    results.json/.md there, so a run stopped part-way keeps what it finished.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -393,7 +330,7 @@ def run(cfg: FinetuneConfig) -> dict:
         "seq_len": cfg.seq_len, "grad_accum": cfg.grad_accum, "num_processes": accelerator.num_processes,
         "lora": cfg.lora, "gradient_checkpointing": cfg.gradient_checkpointing,
         "tokenizer": "byte-level" if tokenizer is None else type(tokenizer).__name__,
-        "peak_memory_kind": memory_kind(device), "variants": {}, "skipped": {},
+        "peak_memory_kind": memory_kind(device), "variants": {}, "skipped": {}, "pending": list(cfg.variants),
     }
     for variant in cfg.variants:
         try:
@@ -401,12 +338,16 @@ def run(cfg: FinetuneConfig) -> dict:
         except VariantUnavailable as why:
             accelerator.print(f"skipping variant {variant!r}: {why}")
             results["skipped"][variant] = str(why)
-            continue
-        torch.manual_seed(cfg.seed)  # any randomness inside training starts from the same state
-        with tqdm(total=cfg.steps, desc=f"{variant:>8}", disable=None if accelerator.is_main_process else True) as progress:
-            results["variants"][variant] = train_variant(accelerator, model, batches, cfg, progress)
-        del model
-    add_loss_agreement(results["variants"])
+        else:
+            torch.manual_seed(cfg.seed)  # any randomness inside training starts from the same state
+            hide = None if accelerator.is_main_process else True
+            with tqdm(total=cfg.steps, desc=f"{variant:>8}", disable=hide) as progress:
+                results["variants"][variant] = train_variant(accelerator, model, batches, cfg, progress)
+            del model
+        results["pending"].remove(variant)
+        add_loss_agreement(results["variants"])
+        if on_variant is not None:
+            on_variant(results)
     return results
 
 
@@ -450,7 +391,7 @@ def add_parser(sub) -> None:
 def _main(args) -> int:
     from accelerate import PartialState
 
-    from .finetune_report import format_table, write_outputs
+    from .finetune_report import format_table, write_plots, write_results
 
     fields = ("variants", "model", "preset", "steps", "warmup_steps", "batch_size", "seq_len", "grad_accum",
               "lr", "seed", "device", "mixed_precision", "gradient_checkpointing", "lora")
@@ -458,9 +399,16 @@ def _main(args) -> int:
         cfg = FinetuneConfig(**{f: getattr(args, f) for f in fields})
     except ValueError as err:
         raise SystemExit(f"swiglu-hf finetune: error: {err}") from None
-    results = run(cfg)
-    if PartialState().is_main_process:  # under DDP only rank 0 reports
-        written = write_outputs(results, args.out)
+
+    def write_so_far(partial: dict) -> None:
+        # PartialState only once run()'s Accelerator has set it up: a PartialState() made before
+        # Accelerator(cpu=True) would fix the process group without it (no DDP on CPU).
+        if PartialState().is_main_process:  # under DDP only rank 0 reports
+            write_results(partial, args.out)
+
+    results = run(cfg, on_variant=write_so_far)
+    if PartialState().is_main_process:
+        written = [*write_results(results, args.out), *write_plots(results, args.out)]
         print(format_table(results))
         print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -39,7 +39,10 @@ def _header(results: dict) -> list[str]:
 
 
 def _skipped(results: dict) -> list[str]:
-    return [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
+    lines = [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
+    if results.get("pending"):  # written part-way: the run may have been stopped before these
+        lines.append(f"not run yet: {', '.join(results['pending'])} (results are written after each variant)")
+    return lines
 
 
 def format_table(results: dict) -> str:
@@ -98,10 +101,22 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write_outputs(results: dict, out: Path) -> list[Path]:
-    """results.json, results.md and the plots in `out` (created if needed); returns the paths."""
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename it, so a run killed mid-write leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_results(results: dict, out: Path) -> list[Path]:
+    """results.json and results.md in `out` (created if needed); called after every variant."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
-    return [out / "results.json", out / "results.md", *write_plots(results, out)]
+    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _write_atomic(out / "results.md", markdown(results))
+    return [out / "results.json", out / "results.md"]
+
+
+def write_outputs(results: dict, out: Path) -> list[Path]:
+    """results.json, results.md and the plots in `out` (created if needed); returns the paths."""
+    return [*write_results(results, out), *write_plots(results, Path(out))]

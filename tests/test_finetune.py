@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from swiglu_hf import cli, finetune
+from swiglu_hf import cli, finetune, patched_modules, peers
 from swiglu_hf.finetune import FinetuneConfig, VariantUnavailable, apply_variant, make_batches, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_results_schema(default_run):
     for key in ("device", "model", "dtype", "steps", "variants"):
         assert key in results
     assert results["steps"] == 6
-    assert set(results["variants"]) == {"stock", "patched"}
+    assert set(results["variants"]) == {"stock", "patched"} and results["pending"] == []
     for v in results["variants"].values():
         assert v["tokens_per_s"] > 0 and v["step_time_s"] > 0
         assert v["peak_memory_bytes"] > 0  # Linux: peak RSS growth (grads, Adam state, activations)
@@ -83,16 +83,32 @@ def test_bad_variant_name_is_an_argparse_error(capsys):
 
 def test_missing_peers_raise_variant_unavailable(monkeypatch):
     model = nn.Linear(2, 2)
-    monkeypatch.setattr(finetune.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(VariantUnavailable, match="not installed"):
+    with pytest.raises(VariantUnavailable, match="CUDA device"):
         apply_variant("liger", model, torch.device("cpu"))
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(VariantUnavailable, match="not installed"):  # the device is only named here
+        apply_variant("liger", model, torch.device("cuda"))
 
-    def apply_without_tiling(model, *, backend="auto", filter_fn=None):
-        return model
 
-    monkeypatch.setattr(finetune, "apply_swiglu_patch", apply_without_tiling)
-    with pytest.raises(VariantUnavailable, match="tile_tokens"):
-        apply_variant("tiled", model, torch.device("cpu"))
+def test_results_are_written_after_each_variant(tmp_path, monkeypatch):
+    # A run stopped part-way (gpu_check.sh's `timeout` sends SIGINT) keeps the variants it finished.
+    train = finetune.train_variant
+
+    def stopped_during_patched(accelerator, model, *args, **kwargs):
+        if patched_modules(model):
+            raise KeyboardInterrupt
+        return train(accelerator, model, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_variant", stopped_during_patched)
+    argv = ["--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu"]
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main([*argv, "--variants", "stock,liger,patched,tiled", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["variants"]) == ["stock"] and list(results["skipped"]) == ["liger"]
+    assert results["pending"] == ["patched", "tiled"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| stock |" in md and "not run yet: patched, tiled" in md
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.tmp"))  # plots only at the end
 
 
 def test_batches_are_seeded_and_split_across_ranks():
