@@ -344,6 +344,15 @@ def apply_swiglu_patch(
             PatchRefusedWarning,
             stacklevel=2,
         )
+    untiled = [name for name, _, state in plans if tile_tokens is not None and state.recipe.form == "experts"]
+    if untiled:
+        warnings.warn(
+            f"swiglu_hf: tile_tokens={tile_tokens!r} does not apply to MoE experts modules; these {len(untiled)} "
+            f"run the default mode (saves gate/up, recomputes h): {', '.join(untiled[:4])}"
+            + (", ..." if len(untiled) > 4 else ""),
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 

@@ -254,3 +254,10 @@ def test_patching_from_pretrained_patches_after_weights_load(tmp_path):
     with torch.no_grad():
         ids = _ids()
         assert torch.equal(loaded(ids).logits, stock(ids).logits)
+
+
+def test_tile_tokens_on_experts_is_said_out_loud():
+    model = tiny("mixtral")
+    with pytest.warns(UserWarning, match="does not apply to MoE experts"):
+        apply_swiglu_patch(model, backend="torch", tile_tokens=4)
+    assert any("experts" in name for name in patched_modules(model))
