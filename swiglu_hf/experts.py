@@ -27,8 +27,13 @@ act(gate) * up:
 tile_tokens does not apply to experts (each expert already sees a subset of tokens); they run in
 the default mode. Refused with a reason (never patched): interleaved gate/up (is_concatenated=False,
 GPT-OSS), a class-specific `_apply_gate` (clamping, alpha-scaled sigmoid, up + 1: GPT-OSS,
-DeepSeek-V4, MiniMax-M3), a post-expert norm, no act_fn, shapes matching neither layout, a
-forward signature other than the two above. The probe then runs stock and fused forwards on
+DeepSeek-V4, MiniMax-M3), a post-expert norm, no act_fn, differing expert counts in gate_up_proj
+and down_proj (LongCat-Flash's zero-computation experts), shapes matching neither layout, a
+forward signature other than the two above, an experts_implementation other than eager /
+grouped_mm / batched_mm / deepgemm (e.g. sonicmoe), a class-specific experts_interface, and
+expert-parallel modules (_is_expert_parallel, or a forward replaced on the instance: EP's
+ep_forward). Routing arguments are bound as the class's own forward binds them (positional or
+keyword). An exception raised by the probe is a SelfCheckError (a refusal under strict=False). The probe then runs stock and fused forwards on
 random hidden states and random top-k routing at two scales (the second large enough to hit any
 clamp), through the active implementation and, for decorated classes, the eager loop as well.
 """
@@ -78,15 +83,37 @@ def _transposed(gate_up: torch.Tensor, down: torch.Tensor) -> bool | None:
     return None
 
 
-@functools.cache
+_PARAMS: dict = {}  # unwrapped forward function -> its positional parameters after self, or None
+
+
+def _positional_params(fn) -> tuple | None:
+    """(name, default) of the forward's positional parameters after self (None: no signature).
+
+    Cached per function object (a plain dict, so torch.compile traces a lookup, not inspect): a class
+    whose forward is replaced later gets the new function's parameters."""
+    if fn in _PARAMS:
+        return _PARAMS[fn]
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        params = None
+    else:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        params = tuple((p.name, p.default) for p in sig.parameters.values() if p.kind in kinds)[1:]
+    _PARAMS[fn] = params
+    return params
+
+
+def _unwrapped_forward(cls):
+    return inspect.unwrap(cls.forward)
+
+
 def _signature(cls) -> str | None:
     """ "routed" for forward(hidden_states, top_k_index, top_k_weights), "bmm" for forward(hidden_states)."""
-    fn = inspect.unwrap(cls.forward)
-    try:
-        params = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
+    params = _positional_params(_unwrapped_forward(cls))
+    if params is None:
         return None
-    names = [p.name for p in params[1:]]  # drop self
+    names = [name for name, _ in params]
     if len(names) == 3:
         return "routed"
     if len(names) == 1:
@@ -99,10 +126,46 @@ def _bias(module, which: str):
     return b if isinstance(b, torch.Tensor) else None
 
 
+def _experts_interface(cls):
+    """The ExpertsInterface a `@use_experts_implementation` class dispatches through (None if not decorated):
+    a class attribute `experts_interface`, or the one captured by the decorator's forward wrapper."""
+    found = getattr(cls, "experts_interface", None)
+    if found is not None:
+        return found
+    fn = getattr(cls, "forward", None)
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is not None and cells and "experts_interface" in code.co_freevars:
+        try:
+            return cells[code.co_freevars.index("experts_interface")].cell_contents
+        except ValueError:  # empty cell
+            return None
+    return None
+
+
+def _expert_parallel(module) -> str | None:
+    """Why `module` looks expert-parallel (transformers.distributed.expert_parallel), or None."""
+    if getattr(module, "_is_expert_parallel", False):
+        return "it is expert-parallel (_is_expert_parallel=True: experts sharded across ranks)"
+    # EP installs `module.forward = ep_forward` (dispatch/combine around the local experts); accelerate's
+    # hooks also set an instance forward but keep the real one in `_old_forward`, which is what gets patched.
+    if "forward" in module.__dict__ and not (hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__):
+        return (
+            "its forward is replaced on the instance (e.g. transformers' expert-parallel ep_forward, which "
+            "dispatches tokens across ranks); patching would bypass that wrapper"
+        )
+    return None
+
+
 def refusal(module: nn.Module, projections: dict, act) -> str | None:
     """Why an experts-shaped module cannot take the fused forward, or None if it can (probe pending)."""
     cls = type(module).__name__
     gate_up, down = getattr(module, projections["gate_up"]), getattr(module, projections["down"])
+    if gate_up.shape[0] != down.shape[0]:
+        return (
+            f"gate_up_proj has {gate_up.shape[0]} experts and down_proj {down.shape[0]} (shapes "
+            f"{tuple(gate_up.shape)} / {tuple(down.shape)}): the expert counts differ, e.g. extra "
+            "zero-computation experts; not one gated MLP per expert"
+        )
     transposed = _transposed(gate_up, down)
     if transposed is None:
         return (
@@ -133,6 +196,21 @@ def refusal(module: nn.Module, projections: dict, act) -> str | None:
         return "forward signature is neither (hidden_states, top_k_index, top_k_weights) nor (hidden_states)"
     if signature == "bmm" and (not transposed or any(b is not None for b in bias)):
         return "forward(hidden_states) experts are supported for the bias-free [E, H, 2I] bmm layout only"
+    ep = _expert_parallel(module)
+    if ep is not None:
+        return ep
+    interface = _experts_interface(type(module))
+    if interface is not None and interface is not _moe().ALL_EXPERTS_FUNCTIONS:
+        return (
+            f"{cls} dispatches through its own experts_interface ({type(interface).__name__}), not transformers' "
+            "ALL_EXPERTS_FUNCTIONS: its implementations are unknown to the fused forward"
+        )
+    impl = implementation(module)
+    if signature == "routed" and impl not in ("eager", *GATED_IMPLEMENTATIONS):
+        return (
+            f"experts_implementation={impl!r} is not supported by the fused forward (supported: eager, "
+            f"{', '.join(GATED_IMPLEMENTATIONS)}); switch with model.set_experts_implementation(...) first"
+        )
     return None
 
 
@@ -147,19 +225,21 @@ def implementation(module: nn.Module) -> str:
 # ---- the forwards -----------------------------------------------------------------------
 
 class _FusedGate:
-    """`module` as seen by transformers' shared experts functions, with `_apply_gate` fused."""
+    """`module` as seen by transformers' shared experts functions, with `_apply_gate` fused.
 
-    __slots__ = ("_module", "_gate")
+    Plain __dict__ storage (no __slots__, no object.__setattr__, no attribute access inside
+    __getattr__ that could recurse): torch.compile(fullgraph=True) traces through it.
+    """
 
     def __init__(self, module, gate):
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_gate", gate)
+        self.__dict__["_module"] = module
+        self.__dict__["_gate"] = gate
 
     def __getattr__(self, name):
-        return getattr(self._module, name)
+        return getattr(self.__dict__["_module"], name)
 
     def _apply_gate(self, gate_up):
-        return self._gate(gate_up)
+        return self.__dict__["_gate"](gate_up)
 
 
 def _eager(module, state, hidden_states, top_k_index, top_k_weights, triton):
@@ -170,7 +250,8 @@ def _eager(module, state, hidden_states, top_k_index, top_k_weights, triton):
     p = state.recipe.projections
     gate_up_b, down_b = _bias(module, p["gate_up"]), _bias(module, p["down"])
     transposed = _transposed(gate_up_w, down_w)
-    num_experts, act = gate_up_w.shape[0], state.activation
+    # as the stock loop: module.num_experts (the per-rank count under expert parallelism), not the weights'
+    num_experts, act = getattr(module, "num_experts", gate_up_w.shape[0]), state.activation
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
         expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
@@ -206,18 +287,31 @@ def _bmm(module, state, hidden_states, triton):
     return torch.bmm(h, down_w).view(-1, hidden)
 
 
-def _routing_args(module, args, kwargs):
-    names = [n for n in inspect.signature(inspect.unwrap(type(module).forward)).parameters][1:3]
-    values = list(args[:2]) + [kwargs[n] for n in names[len(args):]]
-    return values[0], values[1]
+def _bind(module, args, kwargs) -> list:
+    """The forward's positional parameters (after self) as the class's own forward binds them: positional,
+    keyword or mixed calls alike (inspect.Signature.bind semantics, kept simple enough for torch.compile)."""
+    params = _positional_params(_unwrapped_forward(type(module)))
+    if len(args) > len(params):
+        raise TypeError(f"{type(module).__name__}.forward takes {len(params)} positional arguments, got {len(args)}")
+    values = list(args)
+    for name, default in params[len(args):]:
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif default is not inspect.Parameter.empty:
+            values.append(default)
+        else:
+            raise TypeError(f"{type(module).__name__}.forward missing required argument {name!r}")
+    return values
 
 
-def experts_forward(module, state, hidden_states, *args, impl: str | None = None, **kwargs):
+def experts_forward(module, state, /, *args, impl: str | None = None, **kwargs):
     """The fused forward bound on an experts module; `impl` overrides the dispatch (probe only)."""
+    values = _bind(module, args, kwargs)
+    hidden_states = values[0]
     triton = use_triton(state.backend, hidden_states.device, hidden_states.dtype)
     if _signature(type(module)) == "bmm":
         return _bmm(module, state, hidden_states, triton)
-    top_k_index, top_k_weights = _routing_args(module, args, kwargs)
+    top_k_index, top_k_weights = values[1], values[2]
     impl = impl or implementation(module)
     if impl == "eager":
         return _eager(module, state, hidden_states, top_k_index, top_k_weights, triton)
@@ -279,8 +373,17 @@ def self_check(name: str, module: nn.Module, state, stock_forward, rtol: float) 
             for scale in (None, _PROBE_GATE_SCALE):
                 x, route = _probe_inputs(module, state, scale)
                 for which, stock in pairs:
-                    want = stock(x, *route)
-                    got = experts_forward(module, state, x, *route, impl=which)
+                    try:
+                        want = stock(x, *route)
+                        got = experts_forward(module, state, x, *route, impl=which)
+                    except SelfCheckError:
+                        raise
+                    except Exception as err:
+                        raise SelfCheckError(
+                            f"{name} ({cls}): the patch-time probe (random hidden states and top-k routing through "
+                            f"the module's own forward and the fused one, implementation {which!r}) raised "
+                            f"{type(err).__name__}: {err}. It was left unpatched; exclude it with filter_fn=..."
+                        ) from err
                     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
                         raise SelfCheckError(
                             f"{name} ({cls}) returns {type(want).__name__} of shape {getattr(want, 'shape', None)}, "

@@ -3,11 +3,15 @@
     from swiglu_hf.integrations import SwigluCallback
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SwigluCallback()])
 
-is the same as calling `apply_swiglu_patch(model)` before `Trainer(...)`: the callback patches
-the model the Trainer trains at `on_train_begin`, before the first step (the same apply_swiglu_patch
-keyword arguments are accepted), and records the patched module names in `patched`. A model
-with nothing to patch raises NoGatedMLPError there, before any step runs. The patch stays after
-training (save_pretrained writes the usual state_dict either way); pass revert_at_end=True to
+The callback patches the model the Trainer trains at `on_train_begin`, before the first step, with every
+apply_swiglu_patch keyword argument (backend=, filter_fn=, tile_tokens=, strict=; validated when the
+callback is built), and records the patched module names in `patched`. That equals calling
+`apply_swiglu_patch(model)` before `Trainer(...)` only while the Trainer has not yet wrapped or
+sharded the model at on_train_begin: with FSDP or DeepSpeed ZeRO-3 the model the callback sees is
+already wrapped (parameters flattened or partitioned, empty on this rank), so the patch-time probe
+and the module matching see a different model. For those, call apply_swiglu_patch(model) before
+building the Trainer. A model with nothing to patch raises NoGatedMLPError at on_train_begin,
+before any step runs. The patch stays after training (save_pretrained writes the usual state_dict either way); pass revert_at_end=True to
 put the stock forwards back at `on_train_end`.
 """
 
@@ -25,19 +29,10 @@ class SwigluCallback(TrainerCallback):
     """`transformers.TrainerCallback` that applies apply_swiglu_patch(model, **kwargs) at train begin."""
 
     def __init__(self, *, revert_at_end: bool = False, **patch_kwargs):
-        from .backend import check_backend
-        from .errors import InvalidInputError
-        from .mlp import check_tile_tokens
+        from .classpatch import check_apply_kwargs
 
-        unknown = set(patch_kwargs) - {"backend", "filter_fn", "tile_tokens"}
-        if unknown:
-            raise InvalidInputError(
-                f"SwigluCallback got unknown argument(s) {', '.join(sorted(unknown))}; "
-                "it takes apply_swiglu_patch's backend=, filter_fn=, tile_tokens= and revert_at_end="
-            )
-        check_backend(patch_kwargs.get("backend", "auto"))  # fail at construction, not mid-run
-        check_tile_tokens(patch_kwargs.get("tile_tokens"))
-        self.patch_kwargs = patch_kwargs
+        # fail at construction, not mid-run; the option list is apply_swiglu_patch's own signature
+        self.patch_kwargs = check_apply_kwargs(dict(patch_kwargs), "SwigluCallback")
         self.revert_at_end = revert_at_end
         self.patched: list[str] = []
 

