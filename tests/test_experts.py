@@ -295,7 +295,12 @@ def test_compile_fullgraph_patched_experts_matches_stock(impl):
     out = {}
     for label, model in (("stock", stock), ("patched", patched)):
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        res = compiled(input_ids=ids, labels=ids)
+        try:
+            res = compiled(input_ids=ids, labels=ids)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            if label == "stock":  # e.g. transformers 5.17's grouped_mm guards on data-dependent sizes
+                pytest.skip(f"the stock model itself does not compile fullgraph with {impl} here: {type(err).__name__}")
+            raise
         res.loss.backward()
         out[label] = (res.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
         torch._dynamo.reset()
@@ -366,7 +371,11 @@ def test_eager_uses_module_num_experts_like_stock():
     x, idx, w = _routing()
     assert (idx == 3).any()
     with torch.no_grad():
-        assert torch.equal(ep(x, idx, w), es(x, idx, w))
+        try:
+            want = es(x, idx, w)
+        except RuntimeError as err:  # transformers before the sentinel id (e.g. 5.17) rejects id 3
+            pytest.skip(f"this transformers' stock experts have no sentinel expert id: {err}")
+        assert torch.equal(ep(x, idx, w), want)
 
 
 def test_custom_experts_interface_is_refused():
