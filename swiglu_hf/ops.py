@@ -70,9 +70,11 @@ def glu_fwd(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Tens
     return _fwd_impl(gate, up, activation, use_triton)
 
 
-@glu_fwd.register_fake
-def _(gate, up, activation, use_triton):
+def _glu_fake(gate, up, activation, use_triton):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+glu_fwd.register_fake(_glu_fake)
 
 
 @torch.library.custom_op("swiglu_hf::glu_bwd", mutates_args=())
@@ -109,13 +111,14 @@ glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup)
 
 @torch.library.custom_op("swiglu_hf::glu_packed_fwd", mutates_args=())
 def glu_packed_fwd(x: Tensor, activation: str, use_triton: bool) -> Tensor:
-    gate, up = _halves(x)
-    return _fwd_impl(gate, up, activation, use_triton)
+    return _fwd_impl(*_halves(x), activation, use_triton)
 
 
-@glu_packed_fwd.register_fake
-def _(x, activation, use_triton):
+def _glu_packed_fake(x, activation, use_triton):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+glu_packed_fwd.register_fake(_glu_packed_fake)
 
 
 @torch.library.custom_op("swiglu_hf::glu_packed_bwd", mutates_args=())
@@ -159,20 +162,15 @@ def glu_fwd_recompute(gate: Tensor, up: Tensor, activation: str, use_triton: boo
     return _fwd_impl(gate, up, activation, use_triton)
 
 
-@glu_fwd_recompute.register_fake
-def _(gate, up, activation, use_triton):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+glu_fwd_recompute.register_fake(_glu_fake)
 
 
 @torch.library.custom_op("swiglu_hf::glu_packed_fwd_recompute", mutates_args=())
 def glu_packed_fwd_recompute(x: Tensor, activation: str, use_triton: bool) -> Tensor:
-    gate, up = _halves(x)
-    return _fwd_impl(gate, up, activation, use_triton)
+    return _fwd_impl(*_halves(x), activation, use_triton)
 
 
-@glu_packed_fwd_recompute.register_fake
-def _(x, activation, use_triton):
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+glu_packed_fwd_recompute.register_fake(_glu_packed_fake)
 
 
 @torch.library.custom_op("swiglu_hf::linear_recompute", mutates_args=())

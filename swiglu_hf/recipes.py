@@ -49,10 +49,6 @@ class Recipe:
                 return act
         return None
 
-    def match(self, module: nn.Module):
-        """The module's activation object if it has this recipe's structure, else None."""
-        return self.activation(module) if self.has_structure(module) else None
-
 
 @functools.cache
 def load_recipes() -> tuple[Recipe, ...]:
@@ -66,8 +62,10 @@ def load_recipes() -> tuple[Recipe, ...]:
 
 
 def match_recipe(module: nn.Module):
-    """(recipe, activation object) for the first recipe whose structure the module has."""
-    """The activation is None only for recipes with require_activation=False (a refusal to report)."""
+    """(recipe, activation object) for the first recipe whose structure the module has.
+
+    The activation is None only for recipes with require_activation=False (a refusal to report).
+    """
     for recipe in load_recipes():
         if not recipe.has_structure(module):
             continue
