@@ -8,7 +8,7 @@ import copy
 import torch
 
 from swiglu_hf import apply_swiglu_patch, patched_modules, revert_swiglu_patch, verify
-from swiglu_hf.models import build_tiny
+from swiglu_hf.tools.models import build_tiny
 
 model = build_tiny("tiny-llama")  # any Llama-family transformers model; built from a config here
 stock = copy.deepcopy(model)

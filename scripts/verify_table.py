@@ -6,7 +6,7 @@
 import torch
 
 from swiglu_hf import verify
-from swiglu_hf.models import TINY_MODELS
+from swiglu_hf.tools.models import TINY_MODELS
 
 CASES = [("torch", torch.float32), ("triton", torch.float32), ("torch", torch.bfloat16)]
 

@@ -22,12 +22,15 @@ from torch import nn
 from .errors import UnsupportedActivationError
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "sigmoid", "relu")
+ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' ACT2FN names for the same functions
 
 
 def check_activation(name: str) -> str:
+    """The canonical name of a supported activation (aliases such as "swish" map to "silu")."""
+    name = ALIASES.get(name, name)
     if name not in ACTIVATIONS:
         raise UnsupportedActivationError(
-            f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}"
+            f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)} (aliases: {', '.join(ALIASES)})"
         )
     return name
 

@@ -1,4 +1,8 @@
-"""Which implementation runs: Triton kernels or the PyTorch path."""
+"""Which implementation runs: the Triton kernels or the PyTorch path.
+
+The user names a backend ("auto", "triton", "torch"); `resolve` turns it into the one that runs
+for given tensors ("triton" or "torch"), and that value is what the ops receive.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 from .errors import BackendUnavailableError, InvalidDtypeError, UnknownBackendError
 
 BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels compute in fp32
 
 
 def check_backend(backend: str) -> str:
@@ -42,23 +47,21 @@ def ensure_triton(device: torch.device) -> None:
     raise BackendUnavailableError(f"backend='triton' does not run on {device.type} tensors; use backend='torch'")
 
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels compute in fp32
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs for tensors on `device` of `dtype`: "triton" or "torch".
 
-
-def use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Resolve a backend name for tensors on `device` of `dtype`: True means the Triton kernels run.
-
-    "auto" keeps float64 on the PyTorch path (the kernels would silently compute it in fp32);
-    "triton" refuses it.
+    "auto" picks Triton on CUDA for the kernel dtypes and keeps float64 on the PyTorch path (the
+    kernels would silently compute it in fp32); "triton" refuses what it cannot run.
     """
     if backend == "torch":
-        return False
+        return "torch"
     if backend == "auto":
-        return device.type == "cuda" and dtype in KERNEL_DTYPES and triton_installed()
+        ok = device.type == "cuda" and dtype in KERNEL_DTYPES and triton_installed()
+        return "triton" if ok else "torch"
     ensure_triton(device)
     if dtype not in KERNEL_DTYPES:
         raise InvalidDtypeError(
             f"backend='triton' computes in fp32 and supports float32/float16/bfloat16, not {dtype}; "
             "use backend='auto' or 'torch' for it"
         )
-    return True
+    return "triton"

@@ -1,54 +1,50 @@
-"""Class-level mode: patch every Transformers model constructed while it is enabled.
+"""Class-level mode: patch every Transformers model built while it is enabled.
 
     with swiglu_hf.patching(backend="torch"):
-        model = AutoModelForCausalLM.from_config(config)     # patched at the end of construction
+        model = AutoModelForCausalLM.from_config(config)     # patched when construction ends
         other = AutoModelForCausalLM.from_pretrained(path)   # patched after its weights are loaded
 
     enable_class_patching(**kw) -> token ... disable_class_patching(token)   # the explicit pair
 
-Mechanism: while enabled, three attributes of transformers' PreTrainedModel are wrapped:
-`__init__` (every model calls it first, via super().__init__(config)) pushes the model on a
-per-thread construction stack; `post_init` (every model calls it last) pops it and, for the
-outermost model only (inner ones, e.g. a multimodal model's language tower, are part of it),
-runs apply_swiglu_patch(model, **kw). "Outermost" means no other model on the stack is still
-inside its own `__init__` (checked on the live call stack), so a model whose class never calls
-post_init leaves no stale entry that would hide later models. A model built on the meta device
-(from_pretrained builds that way before loading) has no data for the probe, so `from_pretrained`
-is wrapped too and patches the loaded model (the first element when output_loading_info=True
-returns a tuple); a meta-device model built directly is left unpatched with a warning.
+It is for code that builds the model where you cannot reach it (a launcher, a library's train()):
+where you hold the model, `apply_swiglu_patch(model)` or, with a Trainer, SwigluCallback is simpler.
 
-Every model built inside is patched, including ones that have no gated MLP at all (GPT-2, a
-reward model's head, a vision tower built on its own): those are skipped with a warning instead
-of raising NoGatedMLPError, so building them inside the block never fails. Other errors of
-apply_swiglu_patch (strict=True refusals) still raise.
-Nothing else changes; the three class attributes are put back exactly (the same objects, or
-absent again) when the last enable is disabled, in a `finally` for `patching()`. Enables nest:
-the innermost active keyword arguments apply. Only models derived from PreTrainedModel are seen.
+Mechanism, through transformers' own entry points only: while enabled, PreTrainedModel's
+`post_init` (every model calls it at the end of its __init__) and the loading classmethods
+`from_pretrained` and `_from_config` (what from_config and the Auto classes call) are wrapped.
+Inside a loading call, nothing is patched until the outermost one returns; then the loaded model is
+patched once (with its weights, and after transformers' DeepSpeed ZeRO-3 integration has built it
+under zero.Init: the probe gathers the weights it needs). Outside one (a model class called
+directly), each model is patched at its post_init; a model built inside another (a vision-language
+model's language tower) is patched at its own post_init and the outer one finds it already patched.
+A model built on the meta device has no data for the probe: it is left unpatched with a warning.
+
+Every model built inside is patched, including ones with no gated MLP at all (GPT-2, a reward head,
+a vision tower): those are skipped with a warning instead of raising NoGatedMLPError. Other errors
+of apply_swiglu_patch (strict=True refusals) still raise. The wrapped attributes are put back exactly
+(the same objects, or absent again) when the last enable is disabled, in a `finally` for
+`patching()`. Enables nest: the innermost active arguments apply.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import itertools
-import sys
 import threading
 import warnings
-import weakref
 
-from .backend import check_backend
-from .errors import InvalidInputError, NoGatedMLPError
-from .mlp import check_tile_tokens
+from .errors import NoGatedMLPError
+from .options import PatchOptions
 
-_WRAPPED = ("__init__", "post_init", "from_pretrained")
+_WRAPPED = ("post_init", "from_pretrained", "_from_config")
 _MISSING = object()
 
 _lock = threading.RLock()
-_active: list[tuple[int, dict]] = []  # (token, apply kwargs), innermost last
+_active: list[tuple[int, PatchOptions]] = []  # innermost last
 _saved: dict[str, object] = {}  # PreTrainedModel.__dict__ entries replaced while enabled
 _tokens = itertools.count(1)
-_local = threading.local()  # .building: weakrefs of models under construction; .loading: from_pretrained depth
+_local = threading.local()  # .loading: depth of loading classmethods on this thread
 
 
 def _base():
@@ -57,150 +53,76 @@ def _base():
     return PreTrainedModel
 
 
-def _building() -> list:
-    if not hasattr(_local, "building"):
-        _local.building = []
-    return _local.building
+def _loading() -> int:
+    return getattr(_local, "loading", 0)
 
 
-def _current_kwargs() -> dict | None:
+def _current() -> PatchOptions | None:
     with _lock:
-        return dict(_active[-1][1]) if _active else None
-
-
-def apply_options() -> tuple[str, ...]:
-    """The keyword arguments apply_swiglu_patch takes (read from its signature: the one definition)."""
-    from .patch import apply_swiglu_patch
-
-    sig = inspect.signature(apply_swiglu_patch)
-    return tuple(n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY)
-
-
-def check_apply_kwargs(kwargs: dict, caller: str = "apply_swiglu_patch") -> dict:
-    """Validate apply_swiglu_patch keyword arguments up front, as apply_swiglu_patch does; returns them
-    normalised (tile_tokens). Used by the class-level mode and SwigluCallback."""
-    known = apply_options()
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        raise InvalidInputError(
-            f"{caller}: unknown apply_swiglu_patch argument(s) {', '.join(unknown)}; known: {', '.join(known)}"
-        )
-    if "backend" in kwargs:
-        check_backend(kwargs["backend"])
-    if "tile_tokens" in kwargs:
-        kwargs["tile_tokens"] = check_tile_tokens(kwargs["tile_tokens"])
-    if kwargs.get("filter_fn") is not None and not callable(kwargs["filter_fn"]):
-        raise InvalidInputError(f"{caller}: filter_fn must be a callable (name, module) -> bool, got {kwargs['filter_fn']!r}")
-    if "strict" in kwargs and not isinstance(kwargs["strict"], bool):
-        raise InvalidInputError(f"{caller}: strict must be True or False, not {kwargs['strict']!r}")
-    return kwargs
+        return _active[-1][1] if _active else None
 
 
 def _patch(model) -> None:
     from .patch import apply_swiglu_patch
 
-    kwargs = _current_kwargs()
-    if kwargs is None:
+    options = _current()
+    if options is None:
         return
     if any(p.is_meta for p in model.parameters()):
-        if getattr(_local, "loading", 0) == 0:
-            warnings.warn(
-                f"swiglu_hf class-level patching: {type(model).__name__} was built on the meta device and "
-                "has no weights to probe; it was left unpatched. Call apply_swiglu_patch(model) after loading.",
-                stacklevel=3,
-            )
+        warnings.warn(
+            f"swiglu_hf class-level patching: {type(model).__name__} was built on the meta device and "
+            "has no weights to probe; it was left unpatched. Call apply_swiglu_patch(model) after loading.",
+            stacklevel=3,
+        )
         return
     try:
-        apply_swiglu_patch(model, **kwargs)
+        apply_swiglu_patch(model, **options.as_kwargs())
     except NoGatedMLPError as err:  # class mode patches every model built: one without a gated MLP is skipped
         warnings.warn(
             f"swiglu_hf class-level patching: {type(model).__name__} left unpatched: {err}", UserWarning, stacklevel=3
         )
 
 
-def _wrap_init(original):
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        stack = _building()
-        stack[:] = [r for r in stack if _under_construction(r())]  # drops models that never called post_init
-        stack.append(weakref.ref(self))
-        try:
-            original(self, *args, **kwargs)
-        except BaseException:
-            _remove(self)
-            raise
-
-    return __init__
-
-
-def _under_construction(model) -> bool:
-    """Whether an `__init__` of `model` is running on this thread's call stack."""
-    if model is None:
-        return False
-    frame = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "__init__" and code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is model:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _remove(model) -> bool:
-    """Drop `model` from the construction stack; True if it was the outermost model being built
-    (no model below it is still inside its __init__: entries of models that skipped post_init don't count)."""
-    stack = _building()
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i]() is model:
-            del stack[i]
-            return not any(_under_construction(r()) for r in stack[:i])
-    return False
-
-
 def _wrap_post_init(original):
     @functools.wraps(original)
     def post_init(self, *args, **kwargs):
-        try:
-            result = original(self, *args, **kwargs)
-        except BaseException:
-            _remove(self)
-            raise
-        if _remove(self):
+        result = original(self, *args, **kwargs)
+        if _loading() == 0:
             _patch(self)
         return result
 
     return post_init
 
 
-def _wrap_from_pretrained(original):
+def _wrap_loader(original):
     func = original.__func__
 
     @functools.wraps(func)
-    def from_pretrained(cls, *args, **kwargs):
-        _local.loading = getattr(_local, "loading", 0) + 1
+    def load(cls, *args, **kwargs):
+        _local.loading = _loading() + 1
         try:
             model = func(cls, *args, **kwargs)
         finally:
             _local.loading -= 1
-        if _local.loading == 0:
-            # output_loading_info=True returns (model, loading_info)
+        if _loading() == 0:
+            # from_pretrained(output_loading_info=True) returns (model, loading_info)
             target = model[0] if isinstance(model, tuple) and model else model
             if isinstance(target, _base()):
                 _patch(target)
         return model
 
-    return classmethod(from_pretrained)
+    return classmethod(load)
 
 
 def _install() -> None:
-    """Wrap the three attributes; all or none: a failure part-way puts back what was replaced."""
+    """Wrap the attributes; all or none: a failure part-way puts back what was replaced."""
     base = _base()
     for name in _WRAPPED:
         _saved[name] = base.__dict__.get(name, _MISSING)
     try:
-        base.__init__ = _wrap_init(base.__dict__["__init__"])
         base.post_init = _wrap_post_init(base.__dict__["post_init"])
-        base.from_pretrained = _wrap_from_pretrained(base.__dict__["from_pretrained"])
+        base.from_pretrained = _wrap_loader(base.__dict__["from_pretrained"])
+        base._from_config = _wrap_loader(base.__dict__["_from_config"])
     except BaseException:
         _uninstall()
         raise
@@ -215,20 +137,19 @@ def _uninstall() -> None:
         else:
             setattr(base, name, value)
     _saved.clear()
-    _building().clear()
 
 
 def enable_class_patching(**apply_kwargs) -> int:
-    """Patch every PreTrainedModel constructed from now on with apply_swiglu_patch(model, **apply_kwargs).
+    """Patch every PreTrainedModel built from now on with apply_swiglu_patch(model, **apply_kwargs).
 
     Returns a token for disable_class_patching. Enables nest (the latest arguments apply).
     """
-    kwargs = check_apply_kwargs(dict(apply_kwargs), "enable_class_patching")
+    options = PatchOptions.from_kwargs(dict(apply_kwargs), "enable_class_patching")
     with _lock:
         if not _active:
             _install()
         token = next(_tokens)
-        _active.append((token, kwargs))
+        _active.append((token, options))
         return token
 
 
@@ -253,11 +174,7 @@ def class_patching_enabled() -> bool:
 
 @contextlib.contextmanager
 def patching(**apply_kwargs):
-    """Within the block, every constructed Transformers model is patched (see the module doc).
-
-    Models without a gated MLP (GPT-2, a reward model, a vision tower) are skipped with a warning,
-    not an error; strict=True refusals of gated modules still raise.
-    """
+    """Within the block, every constructed Transformers model is patched (see the module doc)."""
     token = enable_class_patching(**apply_kwargs)
     try:
         yield

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules that define add_parser(subparsers); each sets `func(args) -> exit code`.
-COMMANDS = ("verification", "bench", "finetune", "sweep")
+COMMANDS = ("verification", "tools.bench", "tools.finetune", "tools.sweep")
 
 
 def main(argv: list[str] | None = None) -> int:

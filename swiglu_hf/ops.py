@@ -6,14 +6,17 @@ Two forms share one implementation:
                   both halves are read in place, and the gradient is written into one (.., 2I)
                   buffer, so neither direction copies a half.
 
-`use_triton` picks the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1); otherwise the
-PyTorch path runs the same aten ops eager autograd would, so it is bitwise equal to stock.
+`backend` ("triton" or "torch", already resolved by swiglu_hf.backend.resolve) picks the Triton
+kernels (CUDA, or CPU under TRITON_INTERPRET=1) or the PyTorch path, which runs the same aten ops
+eager autograd would, so it is bitwise equal to stock. Kernels launch under the tensors' own CUDA
+device, so a model split across GPUs (device_map="auto") runs each layer on its GPU.
 Autograd saves only the op's inputs and recomputes the activation in backward. Every backward
 allocates fresh outputs: a second backward through a retained graph gives identical gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -38,13 +41,19 @@ def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
     return x[..., :n], x[..., n:]
 
 
-def _fwd_impl(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Tensor:
-    if not use_triton:
+def _on_device(t: Tensor):
+    """Launch on t's GPU, not the current one (Triton launches on torch.cuda.current_device())."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _fwd_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
+    if backend != "triton":
         return act_forward(activation, gate) * up
     from . import kernels
 
     h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    kernels.glu_fwd(_rows(gate), _rows(up), _rows(h), activation)
+    with _on_device(gate):
+        kernels.glu_fwd(_rows(gate), _rows(up), _rows(h), activation)
     return h
 
 
@@ -59,18 +68,19 @@ def _triton_bwd(dh, gate, up, dgate, dup, activation: str, h=None) -> None:
     """Writes the grads of act(gate) * up into dgate and dup (fresh buffers or views of one)."""
     from . import kernels
 
-    kernels.glu_bwd(_rows(dh), _rows(gate), _rows(up), _rows(dgate), _rows(dup), activation,
-                    None if h is None else _rows(h))
+    with _on_device(gate):
+        kernels.glu_bwd(_rows(dh), _rows(gate), _rows(up), _rows(dgate), _rows(dup), activation,
+                        None if h is None else _rows(h))
 
 
 # ---- split form -------------------------------------------------------------------------
 
 @torch.library.custom_op("swiglu_hf::glu_fwd", mutates_args=())
-def glu_fwd(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Tensor:
-    return _fwd_impl(gate, up, activation, use_triton)
+def glu_fwd(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
+    return _fwd_impl(gate, up, activation, backend)
 
 
-def _glu_fake(gate, up, activation, use_triton):
+def _glu_fake(gate, up, activation, backend):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
@@ -78,8 +88,8 @@ glu_fwd.register_fake(_glu_fake)
 
 
 @torch.library.custom_op("swiglu_hf::glu_bwd", mutates_args=())
-def glu_bwd(dh: Tensor, gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> tuple[Tensor, Tensor]:
-    if not use_triton:
+def glu_bwd(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
+    if backend != "triton":
         return _torch_bwd(dh, gate, up, activation)
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
@@ -88,19 +98,19 @@ def glu_bwd(dh: Tensor, gate: Tensor, up: Tensor, activation: str, use_triton: b
 
 
 @glu_bwd.register_fake
-def _(dh, gate, up, activation, use_triton):
+def _(dh, gate, up, activation, backend):
     fmt = torch.contiguous_format
     return torch.empty_like(gate, memory_format=fmt), torch.empty_like(up, memory_format=fmt)
 
 
 def _glu_setup(ctx, inputs, output):
-    gate, up, ctx.activation, ctx.use_triton = inputs
+    gate, up, ctx.activation, ctx.backend = inputs
     ctx.save_for_backward(gate, up)
 
 
 def _glu_backward(ctx, dh):
     gate, up = ctx.saved_tensors
-    dgate, dup = glu_bwd(dh, gate, up, ctx.activation, ctx.use_triton)
+    dgate, dup = glu_bwd(dh, gate, up, ctx.activation, ctx.backend)
     return dgate, dup, None, None
 
 
@@ -110,11 +120,11 @@ glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup)
 # ---- packed form ------------------------------------------------------------------------
 
 @torch.library.custom_op("swiglu_hf::glu_packed_fwd", mutates_args=())
-def glu_packed_fwd(x: Tensor, activation: str, use_triton: bool) -> Tensor:
-    return _fwd_impl(*_halves(x), activation, use_triton)
+def glu_packed_fwd(x: Tensor, activation: str, backend: str) -> Tensor:
+    return _fwd_impl(*_halves(x), activation, backend)
 
 
-def _glu_packed_fake(x, activation, use_triton):
+def _glu_packed_fake(x, activation, backend):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
@@ -122,9 +132,9 @@ glu_packed_fwd.register_fake(_glu_packed_fake)
 
 
 @torch.library.custom_op("swiglu_hf::glu_packed_bwd", mutates_args=())
-def glu_packed_bwd(dh: Tensor, x: Tensor, activation: str, use_triton: bool) -> Tensor:
+def glu_packed_bwd(dh: Tensor, x: Tensor, activation: str, backend: str) -> Tensor:
     gate, up = _halves(x)
-    if not use_triton:
+    if backend != "triton":
         return torch.cat(_torch_bwd(dh, gate, up, activation), dim=-1)  # as stock's chunk backward
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dgate, dup = _halves(dx)
@@ -133,41 +143,41 @@ def glu_packed_bwd(dh: Tensor, x: Tensor, activation: str, use_triton: bool) -> 
 
 
 @glu_packed_bwd.register_fake
-def _(dh, x, activation, use_triton):
+def _(dh, x, activation, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _packed_setup(ctx, inputs, output):
-    x, ctx.activation, ctx.use_triton = inputs
+    x, ctx.activation, ctx.backend = inputs
     ctx.save_for_backward(x)
 
 
 def _packed_backward(ctx, dh):
     (x,) = ctx.saved_tensors
-    return glu_packed_bwd(dh, x, ctx.activation, ctx.use_triton), None, None
+    return glu_packed_bwd(dh, x, ctx.activation, ctx.backend), None, None
 
 
 glu_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
 
 
-# ---- recompute twins (activation memory, swiglu_hf.mlp) ---------------------------------
-# The same forwards under other names, called only from the backward of swiglu_hf.mlp's
+# ---- recompute twins (activation memory, swiglu_hf.gated) ---------------------------------
+# The same forwards under other names, called only from the backward of swiglu_hf.gated's
 # recomputing autograd Functions. Under torch.compile, AOTAutograd traces forward and backward
 # into one joint graph and merges identical calls (CSE): a backward recompute of glu_fwd(gate, up)
 # or of gate_proj's F.linear would become the forward's value again and the partitioner would
 # save it, undoing the memory saving. Distinct, opaque ops keep the recompute in the backward.
 
 @torch.library.custom_op("swiglu_hf::glu_fwd_recompute", mutates_args=())
-def glu_fwd_recompute(gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> Tensor:
-    return _fwd_impl(gate, up, activation, use_triton)
+def glu_fwd_recompute(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
+    return _fwd_impl(gate, up, activation, backend)
 
 
 glu_fwd_recompute.register_fake(_glu_fake)
 
 
 @torch.library.custom_op("swiglu_hf::glu_packed_fwd_recompute", mutates_args=())
-def glu_packed_fwd_recompute(x: Tensor, activation: str, use_triton: bool) -> Tensor:
-    return _fwd_impl(*_halves(x), activation, use_triton)
+def glu_packed_fwd_recompute(x: Tensor, activation: str, backend: str) -> Tensor:
+    return _fwd_impl(*_halves(x), activation, backend)
 
 
 glu_packed_fwd_recompute.register_fake(_glu_packed_fake)
@@ -188,8 +198,8 @@ def _(x, weight, bias):
 # default memory mode, whose backward needs h only for down_proj's weight gradient.
 
 @torch.library.custom_op("swiglu_hf::glu_bwd_with_h", mutates_args=())
-def glu_bwd_with_h(dh: Tensor, gate: Tensor, up: Tensor, activation: str, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if not use_triton:
+def glu_bwd_with_h(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend != "triton":
         return _torch_bwd(dh, gate, up, activation, with_h=True)
     h, dgate, dup = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(3))
     _triton_bwd(dh, gate, up, dgate, dup, activation, h=h)
@@ -197,14 +207,14 @@ def glu_bwd_with_h(dh: Tensor, gate: Tensor, up: Tensor, activation: str, use_tr
 
 
 @glu_bwd_with_h.register_fake
-def _(dh, gate, up, activation, use_triton):
+def _(dh, gate, up, activation, backend):
     return tuple(torch.empty_like(gate, memory_format=torch.contiguous_format) for _ in range(3))
 
 
 @torch.library.custom_op("swiglu_hf::glu_packed_bwd_with_h", mutates_args=())
-def glu_packed_bwd_with_h(dh: Tensor, x: Tensor, activation: str, use_triton: bool) -> tuple[Tensor, Tensor]:
+def glu_packed_bwd_with_h(dh: Tensor, x: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
     gate, up = _halves(x)
-    if not use_triton:
+    if backend != "triton":
         h, dgate, dup = _torch_bwd(dh, gate, up, activation, with_h=True)
         return h, torch.cat((dgate, dup), dim=-1)
     h = torch.empty(gate.shape, dtype=x.dtype, device=x.device)
@@ -214,5 +224,5 @@ def glu_packed_bwd_with_h(dh: Tensor, x: Tensor, activation: str, use_triton: bo
 
 
 @glu_packed_bwd_with_h.register_fake
-def _(dh, x, activation, use_triton):
+def _(dh, x, activation, backend):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2)), torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,8 +1,9 @@
 """The patch engine: find gated MLPs, prove the fused forward on each class, bind it per instance.
 
-Contract (DESIGN.md): only `forward` of matched instances changes; projection modules, state_dict
-and hooks stay as they are; nothing global changes; every failure happens before the first
-module is touched; `revert_swiglu_patch` puts back exactly the forwards that were there.
+Contract (docs/ARCHITECTURE.md "Patch contract"): only `forward` of matched instances changes;
+projection modules, state_dict and hooks stay as they are; nothing global changes; every failure
+happens before the first module is touched; `revert_swiglu_patch` puts back exactly the forwards
+that were there. The engine knows forms only through their interface (swiglu_hf.forms.base).
 """
 
 from __future__ import annotations
@@ -17,24 +18,17 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATIONS, activation_of, describe
-from .backend import check_backend, ensure_triton
-from . import experts
+from .backend import ensure_triton
 from .errors import (
     InvalidInputError, NoGatedMLPError, NotPicklableError, PatchRefusedWarning, SelfCheckError, SwigluError,
     UnsupportedActivationError, UnsupportedModuleError,
 )
-from .mlp import FORWARDS, check_tile_tokens
-from .recipes import TENSOR_FORMS, Recipe, load_recipes, match_recipe
+from .options import PatchOptions, patch_everything
+from .probe import run_probe
+from .recipes import Recipe, load_recipes, match_recipe
 
 STATE_ATTR = "_swiglu_hf"
 REPORT_ATTR = "_swiglu_hf_report"  # on the model apply_swiglu_patch was called with
-
-# Relative L2 error allowed between the fused and the stock forward on the patch-time probe.
-# It only has to separate "same math, other rounding" (<= a few ulps) from a wrong formula
-# (swapped halves, an extra scale), which is off by O(1).
-_PROBE_SCALES = (1.0, 32.0)
-_PROBE_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
 
 @dataclass
 class PatchState:
@@ -44,6 +38,7 @@ class PatchState:
     attr: str  # "forward", or accelerate's "_old_forward" when a hook wraps the forward
     original: Callable | None  # the instance attribute we replaced; None = the class's forward
     tile_tokens: int | str | None = None  # None: default mode (saves H+2I); int or "auto": tiled (saves H)
+    # (form.tiles False: always the default mode)
     probe_pending: str | None = None  # patched on meta weights: the module name whose probe runs at first forward
 
     # A bound method of the fused forward cannot be unpickled (pickle stores it as
@@ -80,10 +75,8 @@ class PatchReport:
 def _fused_forward(self, *args, **kwargs):
     state = self.__dict__[STATE_ATTR]
     if state.probe_pending is not None:
-        _deferred_self_check(self, state)
-    if not args and len(kwargs) == 1 and state.recipe.form != "experts":
-        args, kwargs = tuple(kwargs.values()), {}  # mlp(x=...) / mlp(hidden_states=...): one input either way
-    return FORWARDS[state.recipe.form](self, state, *args, **kwargs)
+        _deferred_probe(self, state)
+    return state.recipe.form.forward(self, state, *args, **kwargs)
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -100,9 +93,7 @@ def patch_report(model: nn.Module) -> PatchReport | None:
     return model.__dict__.get(REPORT_ATTR)
 
 
-def default_filter(name: str, module: nn.Module) -> bool:
-    """Patch every module that matches a recipe."""
-    return True
+default_filter = patch_everything  # kept for callers of the 0.1 name
 
 
 def _forward_attr(module: nn.Module) -> str:
@@ -113,90 +104,19 @@ def _forward_attr(module: nn.Module) -> str:
     return "forward"
 
 
-def _stock_forward(module: nn.Module, state: PatchState) -> Callable:
-    return state.original if state.original is not None else types.MethodType(type(module).forward, module)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def _probe_input(module: nn.Module, recipe: Recipe):
-    first = getattr(module, next(iter(recipe.projections.values())))
-    hidden = getattr(first, "in_features", None)
-    weight = getattr(first, "weight", None)
-    if hidden is None and weight is not None:
-        hidden = weight.shape[-1]
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if hidden is None or param is None:
-        return None
-    gen = torch.Generator(device=param.device).manual_seed(0)  # private RNG: the global stream is untouched
-    return torch.randn(2, 3, hidden, generator=gen, device=param.device, dtype=param.dtype)
-
-
-def _self_check(name: str, module: nn.Module, state: PatchState) -> None:
-    """Run one random probe through the stock and the fused forward; raise if they disagree."""
-    if any(p.is_meta for p in module.parameters()):
-        state.probe_pending = name  # no data to compare yet: _fused_forward probes at the first real forward
-        return
-    if state.recipe.form == "experts":
-        return experts.self_check(name, module, state, _stock_forward(module, state), _PROBE_RTOL.get(
-            next(p.dtype for p in module.parameters() if p.is_floating_point()), 1e-4))
-    x = _probe_input(module, state.recipe)
-    if x is None:
-        raise SelfCheckError(f"{name} ({type(module).__name__}): cannot build a probe input (no in_features/weight)")
-    modes = {m: m.training for m in module.modules()}
-    module.eval()  # dropout (e.g. LoRA's) would draw different masks for the two forwards
-    try:
-        with torch.no_grad():
-            # unit scale, then gates far from 0, where a clamp or a saturating look-alike shows
-            pairs = [(_stock_forward(module, state)(s * x), FORWARDS[state.recipe.form](module, state, s * x))
-                     for s in _PROBE_SCALES]
-    except Exception as err:
-        raise SelfCheckError(
-            f"{name} ({type(module).__name__}): the patch-time probe (a random (2, 3, hidden) input through the "
-            f"module's own forward and the fused one) raised {type(err).__name__}: {err}. It was left unpatched; "
-            "exclude it with filter_fn=..."
-        ) from err
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    for scale, (want, got) in zip(_PROBE_SCALES, pairs):
-        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-            raise SelfCheckError(
-                f"{name} ({type(module).__name__}) returns {type(want).__name__} of shape "
-                f"{getattr(want, 'shape', None)}, not a tensor like the fused forward's {tuple(got.shape)}; "
-                f"it is not a plain {state.recipe.name} gated MLP. Exclude it with filter_fn=..."
-            )
-        ok = torch.isfinite(want)
-        err = (got[ok].double() - want[ok].double()).norm() / want[ok].double().norm().clamp_min(1e-30)
-        tol = _PROBE_RTOL.get(x.dtype, 1e-4)
-        if not torch.equal(ok, torch.isfinite(got)) or err > tol:
-            raise SelfCheckError(
-                f"{name} ({type(module).__name__}): fused forward ({state.recipe.name}, {state.activation}) differs "
-                f"from the module's own forward on a random probe at input scale {scale:g} (relative error "
-                f"{err:.3g} > {tol:g}). The module does extra math or orders its halves differently; it was left "
-                "unpatched. Exclude it with filter_fn=... if this is expected."
-            )
-
-
-def _deferred_self_check(module: nn.Module, state: PatchState) -> None:
+def _deferred_probe(module: nn.Module, state: PatchState) -> None:
     """The probe of a module patched while its weights were on the meta device, at its first real forward.
 
     Until it passes, every forward raises SelfCheckError: the fused forward never runs unchecked.
     """
-    if any(p.is_meta for p in module.parameters()):
-        return  # still no data (e.g. a shape-only forward on meta)
-    name, state.probe_pending = state.probe_pending, None
-    device_type = next(module.parameters()).device.type
-    try:
-        with torch.autocast(device_type, enabled=False):  # the probe compares in the weights' own dtype
-            _self_check(name, module, state)
-    except BaseException:
-        state.probe_pending = name
-        raise
+    if run_probe(state.probe_pending, module, state):
+        state.probe_pending = None
 
 
 def _mlp_like_classes(model: nn.Module) -> list[str]:
@@ -207,10 +127,9 @@ def _mlp_like_classes(model: nn.Module) -> list[str]:
 def _candidate(name: str, module: nn.Module, recipe: Recipe, act) -> str:
     """The activation name of a matched module, or a typed error saying why it cannot be patched."""
     cls = type(module).__name__
-    if recipe.form in TENSOR_FORMS:
-        reason = experts.refusal(module, recipe.projections, act)
-        if reason is not None:
-            raise UnsupportedModuleError(f"{name} ({cls}) has the {recipe.name} structure but {reason}")
+    reason = recipe.form.refusal(module, recipe.projections, act)
+    if reason is not None:
+        raise UnsupportedModuleError(f"{name} ({cls}) has the {recipe.name} structure but {reason}")
     activation = activation_of(act)
     if activation is None:
         raise UnsupportedActivationError(
@@ -246,24 +165,22 @@ def apply_swiglu_patch(
     patched, and a PatchRefusedWarning lists each refused module with its reason; the same is in
     `swiglu_hf.patch_report(model).refused`.
 
-    Memory (per token, saved for backward; swiglu_hf.mlp): by default x, gate and up (H + 2I; h is
+    Memory (per token, saved for backward; swiglu_hf.gated): by default x, gate and up (H + 2I; h is
     recomputed in backward). `tile_tokens=N` (or "auto") runs the MLP N tokens at a time and saves
-    only x (H; gate and up are recomputed per tile in backward). MoE experts modules
-    (swiglu_hf.experts) always run the default mode.
+    only x (H; gate and up are recomputed per tile in backward). MoE experts modules always run the
+    default mode.
+
+    filter_fn takes (name, module), the order `model.named_modules()` yields them, not torchao's
+    (module, fqn): swapping the order of an existing filter could not be detected, and a wrong
+    guess would silently patch the wrong modules.
     """
-    check_backend(backend)
-    tile_tokens = check_tile_tokens(tile_tokens)
-    if filter_fn is not None and not callable(filter_fn):
-        raise InvalidInputError(
-            f"filter_fn must be a callable (name, module) -> bool, got {type(filter_fn).__name__} {filter_fn!r}"
-        )
+    opts = PatchOptions(backend=backend, filter_fn=filter_fn, tile_tokens=tile_tokens, strict=strict)
+    backend, tile_tokens = opts.backend, opts.tile_tokens
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"apply_swiglu_patch expects a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(strict, bool):
-        raise InvalidInputError(f"strict must be True or False, not {strict!r}")
     if backend == "triton":
         ensure_triton(_model_device(model))
-    keep = filter_fn or default_filter
+    keep = filter_fn or patch_everything
 
     plans, already, refused, filtered = [], [], {}, []
     for name, module in model.named_modules():
@@ -315,14 +232,13 @@ def apply_swiglu_patch(
         if key not in checked:
             checked.add(key)
             try:
-                _self_check(name, module, state)
+                if not run_probe(name, module, state):
+                    deferred.add(key)
             except SelfCheckError as err:
                 if strict:
                     raise
                 failed[key] = str(err)
-            if state.probe_pending is not None:
-                deferred.add(key)
-        elif key in deferred:  # no data yet: every instance probes at its own first real forward
+        if key in deferred:  # no data yet: every instance probes at its own first real forward
             state.probe_pending = name
     if failed:
         for name, module, state in plans:
@@ -344,7 +260,7 @@ def apply_swiglu_patch(
             PatchRefusedWarning,
             stacklevel=2,
         )
-    untiled = [name for name, _, state in plans if tile_tokens is not None and state.recipe.form == "experts"]
+    untiled = [name for name, _, state in plans if tile_tokens is not None and not state.recipe.form.tiles]
     if untiled:
         warnings.warn(
             f"swiglu_hf: tile_tokens={tile_tokens!r} does not apply to MoE experts modules; these {len(untiled)} "

@@ -1,4 +1,9 @@
-"""Load the data-only recipes shipped in `swiglu_hf.patches` and match modules against them."""
+"""Load the data-only recipes shipped in `swiglu_hf.patches` and match modules against them.
+
+A recipe is a plain dict in patches/<shape>.py: its form (swiglu_hf.forms), the attribute names of
+the projections, and where the module keeps its activation. The patch engine matches modules by
+structure (any class with these children or weights), then proves the match with the probe.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,16 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-FORMS = {"split": ("gate", "up", "down"), "packed": ("gate_up", "down"), "experts": ("gate_up", "down")}
-# Forms whose projections are 3D expert weight tensors [E, ., .] rather than child modules.
-TENSOR_FORMS = ("experts",)
+from .forms import FORMS, Form
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    form: str
-    projections: dict  # role -> child attribute name
+    form_name: str
+    projections: dict  # role -> attribute name
     activation_attrs: tuple
     examples: tuple = ()
     # False: the structure alone makes a candidate and a missing activation is a refusal (with a
@@ -27,20 +29,14 @@ class Recipe:
     require_activation: bool = True
 
     def __post_init__(self):
-        if self.form not in FORMS:
-            raise ValueError(f"recipe {self.name!r}: unknown form {self.form!r}; known: {', '.join(FORMS)}")
-        if set(self.projections) != set(FORMS[self.form]):
-            raise ValueError(f"recipe {self.name!r}: form {self.form!r} needs projections {FORMS[self.form]}")
+        if self.form_name not in FORMS:
+            raise ValueError(f"recipe {self.name!r}: unknown form {self.form_name!r}; known: {', '.join(FORMS)}")
+        if set(self.projections) != set(self.form.roles):
+            raise ValueError(f"recipe {self.name!r}: form {self.form_name!r} needs projections {self.form.roles}")
 
-    def has_structure(self, module: nn.Module) -> bool:
-        for attr in self.projections.values():
-            part = getattr(module, attr, None)
-            if self.form in TENSOR_FORMS:
-                if not (isinstance(part, torch.Tensor) and part.dim() == 3):
-                    return False
-            elif not isinstance(part, nn.Module):
-                return False
-        return True
+    @property
+    def form(self) -> Form:
+        return FORMS[self.form_name]
 
     def activation(self, module: nn.Module):
         for attr in self.activation_attrs:
@@ -57,7 +53,8 @@ def load_recipes() -> tuple[Recipe, ...]:
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
         spec = getattr(importlib.import_module(f"{package.__name__}.{info.name}"), "RECIPE", None)
         if spec is not None:
-            recipes.append(Recipe(**spec))
+            spec = dict(spec)
+            recipes.append(Recipe(form_name=spec.pop("form"), **spec))
     return tuple(recipes)
 
 
@@ -67,7 +64,7 @@ def match_recipe(module: nn.Module):
     The activation is None only for recipes with require_activation=False (a refusal to report).
     """
     for recipe in load_recipes():
-        if not recipe.has_structure(module):
+        if not recipe.form.has_structure(module, recipe.projections):
             continue
         act = recipe.activation(module)
         if act is not None or not recipe.require_activation:

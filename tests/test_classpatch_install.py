@@ -1,4 +1,4 @@
-"""Class-level patching: its three wrappers install all or none; models it sees (tuples from
+"""Class-level patching: its wrappers install all or none; models it sees (tuples from
 from_pretrained, models without post_init, models without a gated MLP); the shared option check."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ def _attrs() -> dict:
 def test_failure_part_way_through_install_restores_earlier_wrappers(monkeypatch):
     before = _attrs()
 
-    def broken(original):  # the last of the three assignments fails, after two are installed
+    def broken(original):  # the loader wrappers fail, after post_init's is installed
         raise RuntimeError("wrapper failed")
 
-    monkeypatch.setattr(classpatch, "_wrap_from_pretrained", broken)
+    monkeypatch.setattr(classpatch, "_wrap_loader", broken)
     with pytest.raises(RuntimeError, match="wrapper failed"):
         classpatch.enable_class_patching(backend="torch")
     after = _attrs()
@@ -87,11 +87,34 @@ def test_callback_takes_every_apply_option_validated_like_apply():
     from swiglu_hf.integrations import SwigluCallback
 
     callback = SwigluCallback(strict=False, backend="torch", tile_tokens=4, filter_fn=lambda n, m: True)
-    assert set(callback.patch_kwargs) == set(classpatch.apply_options()) == {"backend", "filter_fn", "tile_tokens", "strict"}
+    from swiglu_hf.options import PatchOptions
+
+    assert set(callback.patch_kwargs) == set(PatchOptions().as_kwargs()) == {"backend", "filter_fn", "tile_tokens", "strict"}
     with pytest.raises(swiglu_hf.InvalidInputError, match="strict"):
         SwigluCallback(strict="no")
     with pytest.raises(swiglu_hf.InvalidInputError, match="filter_fn"):
         SwigluCallback(filter_fn="mlp")
     with pytest.raises(swiglu_hf.InvalidInputError, match="strict"):
         swiglu_hf.enable_class_patching(strict=1)
+    with pytest.raises(swiglu_hf.InvalidInputError, match="unknown apply_swiglu_patch argument"):
+        SwigluCallback(tile=4)
     assert not classpatch.class_patching_enabled()
+
+
+def test_nested_model_is_patched_once_and_the_outer_report_covers_it():
+    """A model built inside another's __init__ (no loading classmethod) is patched at its own post_init;
+    the outer model's patch finds it patched with the same options and reports every unit."""
+    import swiglu_hf
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+    class Wrapper(LlamaPreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.inner = LlamaForCausalLM(config)
+            self.post_init()
+
+    with swiglu_hf.patching(backend="torch"):
+        outer = Wrapper(_llama_config())
+    assert swiglu_hf.patched_modules(outer) == ["inner.model.layers.0.mlp"]
+    assert list(swiglu_hf.patch_report(outer).patched) == ["inner.model.layers.0.mlp"]

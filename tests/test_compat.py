@@ -19,7 +19,7 @@ import torch
 import swiglu_hf
 from swiglu_hf import apply_swiglu_patch, patched_modules
 from swiglu_hf.memory import saved_activation_bytes, track_saved
-from swiglu_hf.models import build_tiny
+from swiglu_hf.tools.models import build_tiny
 from tests.reference import assert_as_accurate_as_stock
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from swiglu_hf import cli, finetune, patched_modules, peers
+from swiglu_hf import cli, patched_modules
+from swiglu_hf.tools import finetune, peers
 from swiglu_hf.finetune import FinetuneConfig, VariantUnavailable, apply_variant, make_batches, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_patched_loss_equals_stock(default_run):
 def test_patched_saves_less_for_backward(default_run):
     _, results = default_run
     stock, patched = results["variants"]["stock"], results["variants"]["patched"]
-    # DESIGN.md: stock saves H + 4I per token per MLP, the fused op H + 2I.
+    # docs/ARCHITECTURE.md: stock saves H + 4I per token per MLP, the fused op H + 2I.
     cfg = json.loads(finetune.DEFAULT_CONFIG.read_text())
     tokens, layers, inter = 2 * 32, cfg["num_hidden_layers"], cfg["intermediate_size"]
     assert stock["saved_activation_bytes"] - patched["saved_activation_bytes"] == 2 * inter * tokens * layers * 4

@@ -1,7 +1,7 @@
 """The real Triton kernels, run through the CPU interpreter, against a float64 reference.
 
 bf16 is not tested here: the interpreter's bf16 arithmetic and fp32->bf16 rounding are not
-faithful (DESIGN.md); bf16 kernel checks live in tests/test_gpu.py, and bf16 on CPU is covered
+faithful (docs/ARCHITECTURE.md); bf16 kernel checks live in tests/test_gpu.py, and bf16 on CPU is covered
 through the PyTorch path in test_functional.py.
 """
 
@@ -121,15 +121,14 @@ def test_second_backward_through_retained_graph_is_identical(backend):
 def test_backward_with_h_equals_forward_and_plain_backward(backend, activation):
     from swiglu_hf import ops
 
-    triton = backend == "triton"
     torch.manual_seed(5)
     gate, up, dh = torch.randn(3, 40, 77), torch.randn(3, 40, 77), torch.randn(3, 40, 77)
-    h, dgate, dup = ops.glu_bwd_with_h(dh, gate, up, activation, triton)
-    assert torch.equal(h, ops.glu_fwd(gate, up, activation, triton))
-    want = ops.glu_bwd(dh, gate, up, activation, triton)
+    h, dgate, dup = ops.glu_bwd_with_h(dh, gate, up, activation, backend)
+    assert torch.equal(h, ops.glu_fwd(gate, up, activation, backend))
+    want = ops.glu_bwd(dh, gate, up, activation, backend)
     assert torch.equal(dgate, want[0]) and torch.equal(dup, want[1])
     packed = torch.cat((gate, up), dim=-1)
-    h2, dx = ops.glu_packed_bwd_with_h(dh, packed, activation, triton)
+    h2, dx = ops.glu_packed_bwd_with_h(dh, packed, activation, backend)
     # vs the packed ops, not the split ones: CPU eager rounds strided halves on another code path
-    assert torch.equal(h2, ops.glu_packed_fwd(packed, activation, triton))
-    assert torch.equal(dx, ops.glu_packed_bwd(dh, packed, activation, triton))
+    assert torch.equal(h2, ops.glu_packed_fwd(packed, activation, backend))
+    assert torch.equal(dx, ops.glu_packed_bwd(dh, packed, activation, backend))

@@ -1,4 +1,4 @@
-"""Activation memory (DESIGN.md "Memory policy"): exact saved bytes, and gradients equal to stock.
+"""Activation memory (docs/ARCHITECTURE.md "Memory policy"): exact saved bytes, and gradients equal to stock.
 
 Saved bytes are deterministic, so they are asserted exactly, per token per MLP call, for
 H = 64, I = 96 (the tiny models' MLP) and b bytes per element:
@@ -16,8 +16,8 @@ import torch
 
 from swiglu_hf import InvalidInputError, apply_swiglu_patch, patched_modules, revert_swiglu_patch
 from swiglu_hf.memory import saved_activation_bytes
-from swiglu_hf.mlp import AUTO_TILE_BYTES, auto_tile_tokens
-from swiglu_hf.models import build_tiny
+from swiglu_hf.gated import AUTO_TILE_BYTES, auto_tile_tokens
+from swiglu_hf.tools.models import build_tiny
 
 from .reference import assert_as_accurate_as_stock
 
@@ -177,8 +177,9 @@ def test_lora(form):
     # h (saved by down_proj's lora_A; the frozen base linear saves nothing)
     assert saved_activation_bytes(lambda: stock(x)) == (H + 4 * I + (n_in + 1) * R) * 4 * tokens
     patched = apply_swiglu_patch(copy.deepcopy(stock))
-    # default: down_proj (a LoRA wrapper) is recomputed from gate/up: its lora_A output is not kept
-    assert saved_activation_bytes(lambda: patched(x)) == (H + 2 * I + n_in * R) * 4 * tokens
+    # default: down_proj (a LoRA wrapper) runs as stock runs it and keeps its lora_A output (r); h,
+    # which its base linear and lora_A save, is dropped and recomputed from gate/up on unpack
+    assert saved_activation_bytes(lambda: patched(x)) == (H + 2 * I + (n_in + 1) * R) * 4 * tokens
     _check_against_stock(stock, patched, x, exact=True)
     tiled = apply_swiglu_patch(copy.deepcopy(stock), tile_tokens=5)
     assert saved_activation_bytes(lambda: tiled(x)) == H * 4 * tokens

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from swiglu_hf import apply_swiglu_patch, patched_modules, verify
-from swiglu_hf.models import TINY_MODELS, build_tiny
+from swiglu_hf.tools.models import TINY_MODELS, build_tiny
 
 FAMILIES = list(TINY_MODELS)
 verification = importlib.import_module("swiglu_hf.verification")

@@ -3,7 +3,7 @@
 Shapes include 0- and 1-sized dimensions; layouts include contiguous, transposed leading dims,
 column-strided and row-sliced views; both the split (gate, up) and the packed (.., 2I) forms;
 every activation; forward and both gradients. The Triton kernels run through the interpreter in
-fp32 and fp16 (its bf16 is unreliable, DESIGN.md); the PyTorch path runs fp32, fp16 and bf16 and
+fp32 and fp16 (its bf16 is unreliable, docs/ARCHITECTURE.md); the PyTorch path runs fp32, fp16 and bf16 and
 must be bitwise equal to eager. Derandomized, so CI sees the same examples every run.
 """
 

@@ -22,7 +22,7 @@ import swiglu_hf
 from swiglu_hf import apply_swiglu_patch, patched_modules, revert_swiglu_patch, swiglu
 from swiglu_hf import ops
 from swiglu_hf import patch as patch_module
-from swiglu_hf.models import build_tiny, load_model, tiny_config
+from swiglu_hf.tools.models import build_tiny, load_model, tiny_config
 from tests.reference import assert_as_accurate_as_stock, eager_glu
 
 H = 64  # hidden size of the tiny models
@@ -158,21 +158,22 @@ def test_patched_mlp_rejects_what_stock_rejects(name, x):
 def test_self_check_of_the_second_class_failing_leaves_everything_untouched(monkeypatch):
     model = nn.Sequential(SplitMLP(), PackedMLP(), SplitMLP())
     snap = _snapshot(model)
-    real, calls = patch_module._self_check, []
+    real, calls = patch_module.run_probe, []
 
     def second_fails(name, module, state):
         calls.append(name)
-        real(name, module, state)  # the first class passes its real probe first
+        ok = real(name, module, state)  # the first class passes its real probe first
         if len(calls) == 2:
             raise swiglu_hf.SelfCheckError(f"{name}: injected failure")
+        return ok
 
-    monkeypatch.setattr(patch_module, "_self_check", second_fails)
+    monkeypatch.setattr(patch_module, "run_probe", second_fails)
     with pytest.raises(swiglu_hf.SelfCheckError, match="injected"):
         apply_swiglu_patch(model)
     assert calls == ["0", "1"]  # the first class was probed and accepted, then the second failed
     _assert_same_as(model, snap)
     assert patch_module.REPORT_ATTR not in model.__dict__
-    monkeypatch.setattr(patch_module, "_self_check", real)
+    monkeypatch.setattr(patch_module, "run_probe", real)
     assert patched_modules(apply_swiglu_patch(model)) == ["0", "1", "2"]
 
 
@@ -513,7 +514,7 @@ def no_network(monkeypatch):
 
 
 def test_verify_and_finetune_run_without_network(no_network, tmp_path):
-    from swiglu_hf import finetune
+    from swiglu_hf.tools import finetune
 
     with pytest.raises(OSError, match="socket guard"):  # the guard is live
         socket.create_connection(("huggingface.co", 443), timeout=1)
@@ -603,7 +604,7 @@ def test_lora_down_proj_under_autocast_matches_stock_backward():
     from peft import LoraConfig, get_peft_model
 
     from swiglu_hf import apply_swiglu_patch
-    from swiglu_hf.models import build_tiny
+    from swiglu_hf.tools.models import build_tiny
 
     stock = get_peft_model(build_tiny("tiny-llama"), LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
     for tile in (None, 4):
@@ -622,7 +623,7 @@ def test_lora_down_proj_under_autocast_matches_stock_backward():
 
 def test_verify_of_an_already_patched_model_compares_against_real_stock(monkeypatch):
     from swiglu_hf import apply_swiglu_patch, verify
-    from swiglu_hf.models import build_tiny
+    from swiglu_hf.tools.models import build_tiny
 
     model = apply_swiglu_patch(build_tiny("tiny-llama"))
     for m in model.modules():
@@ -633,8 +634,8 @@ def test_verify_of_an_already_patched_model_compares_against_real_stock(monkeypa
 
 
 def test_float64_on_auto_backend_stays_on_the_torch_path():
-    from swiglu_hf.backend import use_triton
+    from swiglu_hf.backend import resolve
 
-    assert use_triton("auto", torch.device("cuda"), torch.float64) is False
+    assert resolve("auto", torch.device("cuda"), torch.float64) == "torch"
     with pytest.raises(swiglu_hf.InvalidDtypeError, match="float64"):
-        use_triton("triton", torch.device("cpu"), torch.float64)
+        resolve("triton", torch.device("cpu"), torch.float64)

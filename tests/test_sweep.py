@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from swiglu_hf import sweep
+from swiglu_hf.tools import sweep
 
 VERIFIED = {  # model type -> recipe forms that must be among the patched units
     "llama": {"split"},

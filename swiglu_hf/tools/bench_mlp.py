@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
 
 def _build(name: str, stock):
-    from .patch import apply_swiglu_patch
+    from ..patch import apply_swiglu_patch
 
     if name == "stock":
         return stock

@@ -20,12 +20,12 @@ import sys
 
 import torch
 
-from .errors import NoGatedMLPError, SwigluError
-from .memory import saved_activation_bytes
-from .mlp import auto_tile_tokens
-from .patch import apply_swiglu_patch, revert_swiglu_patch
+from ..errors import NoGatedMLPError, SwigluError
+from ..memory import saved_activation_bytes
+from ..mlp import auto_tile_tokens
+from ..patch import apply_swiglu_patch, revert_swiglu_patch
 from .peers import PeerUnavailable, liger_silu_mul
-from .recipes import match_recipe
+from ..recipes import match_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,9 +45,9 @@ def _first_mlp(model):
 
 def _sizes(module, recipe):
     p = recipe.projections
-    first = getattr(module, p["gate"] if recipe.form == "split" else p["gate_up"])
+    first = getattr(module, p["gate"] if recipe.form_name == "split" else p["gate_up"])
     hidden, width = first.weight.shape[1], first.weight.shape[0]
-    return hidden, width if recipe.form == "split" else width // 2
+    return hidden, width if recipe.form_name == "split" else width // 2
 
 
 def _mlp_only(hidden: int, intermediate: int, dtype):
@@ -166,7 +166,7 @@ def table(rows, hidden, intermediate, itemsize, *, layers: int, budget_gb: float
 def add_parser(bench_sub) -> None:
     p = bench_sub.add_parser("memory", help="activation bytes saved for backward per token per MLP layer")
     p.add_argument("model", nargs="?", default="tiny-llama",
-                   help="built-in tiny model (swiglu_hf.models.TINY_MODELS) or local HF directory (default tiny-llama)")
+                   help="built-in tiny model (swiglu_hf.tools.models.TINY_MODELS) or local HF directory (default tiny-llama)")
     p.add_argument("--hidden", type=int, help="MLP-only measurement: hidden size (with --intermediate)")
     p.add_argument("--intermediate", type=int, help="MLP-only measurement: intermediate size (with --hidden)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
@@ -192,7 +192,7 @@ def _run(args) -> int:
     if (args.hidden is None) != (args.intermediate is None):
         raise SystemExit("--hidden and --intermediate go together")
     if args.hidden is not None:
-        from .recipes import load_recipes
+        from ..recipes import load_recipes
 
         module = _mlp_only(args.hidden, args.intermediate, dtype).to(args.device)
         recipe = next(r for r in load_recipes() if r.form == "split")

@@ -131,7 +131,7 @@ def copy_bandwidth(do_bench, warmup: int, rep: int) -> float:
 
 def _inputs(impl, T, I, dtype):
     """Leaf tensors (requiring grad) and the callable producing h from them."""
-    from .functional import swiglu
+    from ..functional import swiglu
 
     def randn(*shape):
         return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_()

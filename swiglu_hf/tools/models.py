@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 _COMMON = dict(
     vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

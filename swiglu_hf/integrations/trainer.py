@@ -17,7 +17,8 @@ put the stock forwards back at `on_train_end`.
 
 from __future__ import annotations
 
-from .patch import apply_swiglu_patch, patched_modules, revert_swiglu_patch
+from ..options import PatchOptions
+from ..patch import apply_swiglu_patch, patched_modules, revert_swiglu_patch
 
 try:  # transformers is a dependency of the package, but keep this module importable without it
     from transformers import TrainerCallback
@@ -29,16 +30,14 @@ class SwigluCallback(TrainerCallback):
     """`transformers.TrainerCallback` that applies apply_swiglu_patch(model, **kwargs) at train begin."""
 
     def __init__(self, *, revert_at_end: bool = False, **patch_kwargs):
-        from .classpatch import check_apply_kwargs
-
-        # fail at construction, not mid-run; the option list is apply_swiglu_patch's own signature
-        self.patch_kwargs = check_apply_kwargs(dict(patch_kwargs), "SwigluCallback")
+        # fail at construction, not mid-run
+        self.patch_kwargs = PatchOptions.from_kwargs(dict(patch_kwargs), "SwigluCallback").as_kwargs()
         self.revert_at_end = revert_at_end
         self.patched: list[str] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
-            from .errors import InvalidInputError
+            from ..errors import InvalidInputError
 
             raise InvalidInputError("SwigluCallback.on_train_begin got no model; pass callbacks=[...] to a Trainer")
         apply_swiglu_patch(model, **self.patch_kwargs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 
-from .errors import SwigluError
+from ..errors import SwigluError
 
 LIGER_INSTALL = "pip install liger-kernel"
 

@@ -16,7 +16,7 @@ keeps every routing and accumulation step of the active implementation and only 
 act(gate) * up:
 
   eager        the canonical per-expert loop (one_hot mask, index_add_), with the down
-               projection through mlp._GLUDown: saves x_e and gate_up (H + 2I per routed token),
+               projection through gated.GLUDown: saves x_e and gate_up (H + 2I per routed token),
                h = act(gate) * up is recomputed in backward.
   grouped_mm,  transformers' own function, called with `_apply_gate` = the fused op on the packed
   batched_mm   (S, 2I) output (halves read in place): act(gate) is never saved (H + 3I: gate_up,
@@ -33,9 +33,9 @@ forward signature other than the two above, an experts_implementation other than
 grouped_mm / batched_mm / deepgemm (e.g. sonicmoe), a class-specific experts_interface, and
 expert-parallel modules (_is_expert_parallel, or a forward replaced on the instance: EP's
 ep_forward). Routing arguments are bound as the class's own forward binds them (positional or
-keyword). An exception raised by the probe is a SelfCheckError (a refusal under strict=False). The probe then runs stock and fused forwards on
-random hidden states and random top-k routing at two scales (the second large enough to hit any
-clamp), through the active implementation and, for decorated classes, the eager loop as well.
+keyword). The probe (swiglu_hf.probe) runs stock and fused forwards on random hidden states and
+random top-k routing at two scales (the second large enough to hit any clamp), through the active
+implementation and, for decorated classes, the eager loop as well.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .backend import use_triton
-from .errors import SelfCheckError, UnsupportedModuleError
+from .. import ops
+from ..backend import resolve
+from ..errors import UnsupportedModuleError
+from ..gated import GLUDown, glu
+from .base import Form
 
 # Implementations (transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS) that gate through _apply_gate.
 GATED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "deepgemm")
@@ -242,10 +244,8 @@ class _FusedGate:
         return self.__dict__["_gate"](gate_up)
 
 
-def _eager(module, state, hidden_states, top_k_index, top_k_weights, triton):
+def _eager(module, state, hidden_states, top_k_index, top_k_weights, backend):
     """The canonical per-expert loop of transformers 5 (MixtralExperts.forward), fused."""
-    from .mlp import _GLUDown
-
     gate_up_w, down_w = _params(module, state)
     p = state.recipe.projections
     gate_up_b, down_b = _bias(module, p["gate_up"]), _bias(module, p["down"])
@@ -269,21 +269,21 @@ def _eager(module, state, hidden_states, top_k_index, top_k_weights, triton):
         bd = None if down_b is None else down_b[expert_idx]
         gate_up = F.linear(x, w1, b1)  # (n, 2I), gate first
         if torch.is_grad_enabled():
-            y = _GLUDown.apply(gate_up, None, wd, bd, act, triton)  # saves gate_up, not h
+            y = GLUDown.apply(wd, bd, act, backend, gate_up)  # saves gate_up, not h
         else:
-            y = F.linear(ops.glu_packed_fwd(gate_up, act, triton), wd, bd)
+            y = F.linear(glu((gate_up,), act, backend), wd, bd)
         y = y * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, y.to(final.dtype))
     return final
 
 
-def _bmm(module, state, hidden_states, triton):
+def _bmm(module, state, hidden_states, backend):
     """Llama-4 style: tokens pre-grouped per expert, [E, H, 2I] / [E, I, H] weights."""
     gate_up_w, down_w = _params(module, state)
     hidden = gate_up_w.shape[1]
     x = hidden_states.view(gate_up_w.shape[0], -1, hidden)  # (E, n, H)
     gate_up = torch.bmm(x, gate_up_w)  # (E, n, 2I)
-    h = ops.glu_packed_fwd(gate_up, state.activation, triton)  # (E, n, I)
+    h = ops.glu_packed_fwd(gate_up, state.activation, backend)  # (E, n, I)
     return torch.bmm(h, down_w).view(-1, hidden)
 
 
@@ -308,16 +308,16 @@ def experts_forward(module, state, /, *args, impl: str | None = None, **kwargs):
     """The fused forward bound on an experts module; `impl` overrides the dispatch (probe only)."""
     values = _bind(module, args, kwargs)
     hidden_states = values[0]
-    triton = use_triton(state.backend, hidden_states.device, hidden_states.dtype)
+    backend = resolve(state.backend, hidden_states.device, hidden_states.dtype)
     if _signature(type(module)) == "bmm":
-        return _bmm(module, state, hidden_states, triton)
+        return _bmm(module, state, hidden_states, backend)
     top_k_index, top_k_weights = values[1], values[2]
     impl = impl or implementation(module)
     if impl == "eager":
-        return _eager(module, state, hidden_states, top_k_index, top_k_weights, triton)
+        return _eager(module, state, hidden_states, top_k_index, top_k_weights, backend)
     if impl in GATED_IMPLEMENTATIONS:
         fn = _moe().ALL_EXPERTS_FUNCTIONS[impl]
-        gate = functools.partial(ops.glu_packed_fwd, activation=state.activation, use_triton=triton)
+        gate = functools.partial(ops.glu_packed_fwd, activation=state.activation, backend=backend)
         return fn(_FusedGate(module, gate), hidden_states, top_k_index, top_k_weights)
     raise UnsupportedModuleError(
         f"{type(module).__name__}: experts_implementation={impl!r} is not supported by the fused forward "
@@ -325,82 +325,62 @@ def experts_forward(module, state, /, *args, impl: str | None = None, **kwargs):
     )
 
 
-# ---- the probe --------------------------------------------------------------------------
+# ---- the probe inputs and the form ------------------------------------------------------
 
-def _probe_inputs(module, state, scale_to: float | None):
-    gate_up_w, down_w = _params(module, state)
+def _probe_inputs(module, projections, generator, scale_to: float | None):
+    gate_up_w, down_w = getattr(module, projections["gate_up"]), getattr(module, projections["down"])
     transposed = _transposed(gate_up_w, down_w)
     experts, hidden = gate_up_w.shape[0], gate_up_w.shape[1] if transposed else gate_up_w.shape[2]
     dev, dtype = gate_up_w.device, gate_up_w.dtype
-    gen = torch.Generator(device=dev).manual_seed(0)  # private RNG: the global stream is untouched
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dev, dtype)
+
     if _signature(type(module)) == "bmm":
-        x = torch.randn(experts * 3, hidden, generator=gen, device=dev, dtype=dtype)
-        route = ()
+        x, route = randn(experts * 3, hidden), ()
     else:
         k = min(2, experts)
-        x = torch.randn(_PROBE_TOKENS, hidden, generator=gen, device=dev, dtype=dtype)
-        idx = torch.stack([torch.randperm(experts, generator=gen, device=dev)[:k] for _ in range(_PROBE_TOKENS)])
-        w = torch.rand(_PROBE_TOKENS, k, generator=gen, device=dev, dtype=dtype) + 0.5
+        x = randn(_PROBE_TOKENS, hidden)
+        idx = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(_PROBE_TOKENS)]).to(dev)
+        w = (torch.rand(_PROBE_TOKENS, k, generator=generator, dtype=torch.float64) + 0.5).to(dev, dtype)
         route = (idx, w)
     if scale_to is not None:
         w1 = gate_up_w if transposed else gate_up_w.transpose(1, 2)
-        peak = (x.float() @ w1.float()).abs().max().item()
+        peak = (x.double() @ w1.double()).abs().max().item()
         if peak > 0:
             x = x * (scale_to / peak)
-    return x, route
+    return (x, *route)
 
 
-def _rel_err(got, want) -> float:
-    ok = torch.isfinite(want)
-    if not torch.equal(ok, torch.isfinite(got)):
-        return float("inf")
-    den = want[ok].double().norm().clamp_min(1e-30)
-    return ((got[ok].double() - want[ok].double()).norm() / den).item()
+class ExpertsForm(Form):
+    name, roles, tiles = "experts", ("gate_up", "down"), False
 
+    def has_structure(self, module, projections):
+        return all(_tensor3(getattr(module, attr, None)) for attr in projections.values())
 
-def self_check(name: str, module: nn.Module, state, stock_forward, rtol: float) -> None:
-    """Stock vs fused on random routing at two scales; through the active and the eager implementation."""
-    cls = type(module).__name__
-    impl = implementation(module)
-    pairs = [(impl, stock_forward)]
-    original = getattr(type(module).forward, "__wrapped__", None)
-    if impl != "eager" and original is not None and _signature(type(module)) == "routed":
-        pairs.append(("eager", functools.partial(original, module)))
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad():
-            for scale in (None, _PROBE_GATE_SCALE):
-                x, route = _probe_inputs(module, state, scale)
-                for which, stock in pairs:
-                    try:
-                        want = stock(x, *route)
-                        got = experts_forward(module, state, x, *route, impl=which)
-                    except SelfCheckError:
-                        raise
-                    except Exception as err:
-                        raise SelfCheckError(
-                            f"{name} ({cls}): the patch-time probe (random hidden states and top-k routing through "
-                            f"the module's own forward and the fused one, implementation {which!r}) raised "
-                            f"{type(err).__name__}: {err}. It was left unpatched; exclude it with filter_fn=..."
-                        ) from err
-                    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-                        raise SelfCheckError(
-                            f"{name} ({cls}) returns {type(want).__name__} of shape {getattr(want, 'shape', None)}, "
-                            f"not a tensor like the fused experts forward's {tuple(got.shape)}"
-                        )
-                    err = _rel_err(got, want)
-                    if err > rtol:
-                        raise SelfCheckError(
-                            f"{name} ({cls}): fused experts forward ({state.activation}, implementation {which!r}) "
-                            f"differs from the module's own forward on a random probe (relative error {err:.3g} > "
-                            f"{rtol:g}{', inputs scaled to |gate_up| ~ %g' % scale if scale else ''}). The module does "
-                            "extra math or orders its halves differently; it was left unpatched. "
-                            "Exclude it with filter_fn=... if this is expected."
-                        )
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    def refusal(self, module, projections, act):
+        return refusal(module, projections, act)
+
+    def probe_inputs(self, module, projections, generator):
+        return [_probe_inputs(module, projections, generator, scale) for scale in (None, _PROBE_GATE_SCALE)]
+
+    def probe_pairs(self, module, stock_forward):
+        """The active implementation and, for decorated classes, the eager loop as well.
+
+        torch's grouped_mm has no float64 kernel: a float64 probe copy compares the fused gate through
+        transformers' batched_mm function instead, which calls the same `_apply_gate`."""
+        impl = implementation(module)
+        pairs = [(impl, stock_forward, {})]
+        if impl == "grouped_mm" and next(module.parameters()).dtype == torch.float64:
+            batched = functools.partial(_moe().ALL_EXPERTS_FUNCTIONS["batched_mm"], module)
+            pairs = [("batched_mm", batched, {"impl": "batched_mm"})]
+        original = getattr(type(module).forward, "__wrapped__", None)
+        if impl != "eager" and original is not None and _signature(type(module)) == "routed":
+            pairs.append(("eager", functools.partial(original, module), {"impl": "eager"}))
+        return pairs
+
+    def forward(self, module, state, *args, **kwargs):
+        return experts_forward(module, state, *args, **kwargs)
 
 
 def use_eager_experts(model: nn.Module) -> nn.Module:

@@ -11,4 +11,4 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (kernel bandwidth, activation memory, MLP layer time/peak memory)")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     for name in BENCHES:
-        importlib.import_module(f"swiglu_hf.{name}").add_parser(bench_sub)
+        importlib.import_module(f"swiglu_hf.tools.{name}").add_parser(bench_sub)

@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import SwigluError
+from ..errors import SwigluError
 from .finetune_memory import memory_kind, read_memory, start_memory
-from .memory import track_saved
-from .patch import apply_swiglu_patch
+from ..memory import track_saved
+from ..patch import apply_swiglu_patch
 from .peers import PeerUnavailable, apply_liger_swiglu_mlp
 
 VARIANTS = ("stock", "patched", "tiled", "liger", "compile")

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from . import verification
-from .errors import NoGatedMLPError
-from .experts import use_eager_experts
-from .patch import apply_swiglu_patch, patch_report
-from .recipes import match_recipe
+from .. import verification
+from ..errors import NoGatedMLPError
+from ..forms import use_eager_experts
+from ..patch import apply_swiglu_patch, patch_report
+from ..recipes import match_recipe
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB, EXPERTS = 64, 4, 2, 16, 2, 128, 4
 INTERMEDIATE, MOE_INTERMEDIATE = 96, 48
@@ -206,21 +206,14 @@ def check(model_type: str, *, seed: int = 0, seq_len: int = 8) -> Result:
         except Exception as err:  # noqa: BLE001 - recorded with its reason
             res.status, res.detail = "mismatch", f"the patched model raised where stock ran: {_reason(err)}"
             return res
-        floor = verification.FLOOR_ULPS * torch.finfo(torch.float32).eps
-        worst = (0.0, 0.0, "")
-        ok = True
-        pairs = [("logits", runs["stock"][0], runs["patched"][0], ref[0]), ("loss", runs["stock"][1], runs["patched"][1], ref[1])]
-        pairs += [(n, runs["stock"][2].get(n), runs["patched"][2].get(n), g) for n, g in ref[2].items()]
-        for name, s, p, r in pairs:
-            if s is None or p is None:
-                ok, res.detail = False, f"gradient of {name} missing in the {'patched' if p is None else 'stock'} model"
-                continue
-            se, pe = verification._rel_err(s, r), verification._rel_err(p, r)
-            if pe > verification.FACTOR * se + floor:
-                ok = False
-                res.detail = f"{name}: patched err {pe:.3g} > {verification.FACTOR:g} x stock {se:.3g} + {floor:.2g}"
-            if pe >= worst[0]:
-                worst = (pe, se, name)
+        checks = verification.compare_runs(runs["stock"], runs["patched"], ref, torch.float32)
+        bad = [c for c in checks if not c.ok]
+        ok = not bad
+        if bad:
+            c = bad[-1]
+            res.detail = c.detail or f"{c.name}: patched err {c.patched_err:.3g} > limit {c.limit:.3g} (stock {c.stock_err:.3g})"
+        worst_check = max(checks, key=lambda c: c.patched_err)
+        worst = (worst_check.patched_err, worst_check.stock_err)
         res.max_err, res.stock_err = worst[0], worst[1]
         res.status = "verified" if ok else "mismatch"
         return res
@@ -301,9 +294,11 @@ def markdown(results: list[Result]) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="patch and verify a tiny model of every causal-LM type; write docs/SUPPORTED_MODELS.md")
+    p = sub.add_parser("sweep", help="patch and verify a tiny model of every causal-LM type; write a markdown table")
     p.add_argument("--types", default=None, help="comma-separated model types (default: all causal-LM types)")
-    p.add_argument("--out", default="docs/SUPPORTED_MODELS.md", help="markdown file to write ('-' for none)")
+    # Never a repository file by default: the repo's table is regenerated with --out docs/SUPPORTED_MODELS.md.
+    p.add_argument("--out", default="swiglu-hf-sweep/SUPPORTED_MODELS.md",
+                   help="markdown file to write ('-' for none); the repo's table: --out docs/SUPPORTED_MODELS.md")
     p.add_argument("--timeout", type=int, default=60, help="seconds per model type")
     p.set_defaults(func=_main)
 
