@@ -2,6 +2,11 @@
 
 The user names a backend ("auto", "triton", "torch"); `resolve` turns it into the one that runs
 for given tensors ("triton" or "torch"), and that value is what the ops receive.
+
+The environment variable SWIGLU_HF_BACKEND=torch|triton sets what "auto" means for the whole
+process and the processes it starts (a launcher's ranks): "torch" to rule the kernels out when
+debugging, "triton" to run them wherever they can run (on CPU only under TRITON_INTERPRET=1 and
+for float32/float16, never for float64). The test suite runs every patched model both ways with it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from .errors import BackendUnavailableError, InvalidDtypeError, UnknownBackendError
 
 BACKENDS = ("auto", "triton", "torch")
+BACKEND_ENV = "SWIGLU_HF_BACKEND"  # what "auto" resolves to, when set: "torch" or "triton"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels compute in fp32
 
 
@@ -56,7 +62,13 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        ok = device.type == "cuda" and dtype in KERNEL_DTYPES and triton_installed()
+        forced = os.environ.get(BACKEND_ENV, "")
+        if forced == "torch":
+            return "torch"
+        # the interpreter's bfloat16 arithmetic is unreliable: on CPU only fp32/fp16 go to the kernels
+        interpreted = forced == "triton" and device.type == "cpu" and interpreter_enabled()
+        runs_here = device.type == "cuda" or (interpreted and dtype in (torch.float32, torch.float16))
+        ok = runs_here and dtype in KERNEL_DTYPES and triton_installed()
         return "triton" if ok else "torch"
     ensure_triton(device)
     if dtype not in KERNEL_DTYPES:

@@ -14,3 +14,29 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def no_interpreter(monkeypatch):
     """Pretend TRITON_INTERPRET is unset (the backend check reads it at call time)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def patch_backend(request, monkeypatch):
+    """Run the test with backend="auto" meaning the PyTorch path, then the Triton kernels (interpreter,
+    fp32/fp16 only), through SWIGLU_HF_BACKEND, which spawned ranks inherit."""
+    monkeypatch.setenv("SWIGLU_HF_BACKEND", request.param)
+    return request.param
+
+
+def assert_like_stock(got, want, backend: str, what: str = "", noise: float | None = None) -> None:
+    """Bitwise on the PyTorch path (it runs stock's own ops). Through the interpreter the kernels' exp/erf
+    differ from eager's by an ulp or so: within FP32_NOISE of the tensor's largest entry (TRAINED_NOISE
+    for weights after optimizer steps), which a wrong formula (O(1)) or a dropped term cannot meet."""
+    from swiglu_hf.numerics import rel_err
+
+    if backend == "torch":
+        assert torch.equal(got, want), what
+    else:
+        limit = FP32_NOISE if noise is None else noise
+        err = rel_err(got, want)
+        assert err <= limit, f"{what}: relative error {err:.3g} > {limit:g}"
+
+
+FP32_NOISE = 1e-5  # about 80 fp32 eps, after a few layers
+TRAINED_NOISE = 1e-4  # Adam normalises each update: an ulp-level gradient difference moves weights more

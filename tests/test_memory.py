@@ -19,6 +19,7 @@ from swiglu_hf.memory import saved_activation_bytes
 from swiglu_hf.gated import AUTO_TILE_BYTES, auto_tile_tokens
 from swiglu_hf.tools.models import build_tiny
 
+from .conftest import assert_like_stock
 from .reference import assert_as_accurate_as_stock
 
 H, I, R = 64, 96, 4
@@ -67,7 +68,7 @@ def _check_against_stock(stock, patched, x, exact=False):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", ["split", "packed"])
-def test_saved_bytes_exact(form, dtype):
+def test_saved_bytes_exact(form, dtype, patch_backend):
     stock = _mlp(form, dtype)
     x = _x(dtype)
     tokens, b = x.shape[0] * x.shape[1], BYTES[dtype]
@@ -80,7 +81,7 @@ def test_saved_bytes_exact(form, dtype):
 
 
 @pytest.mark.parametrize("form", ["split", "packed"])
-def test_no_grad_and_inference_save_nothing(form):
+def test_no_grad_and_inference_save_nothing(form, patch_backend):
     stock, x = _mlp(form), _x()
     for tile in (None, 3):
         patched = apply_swiglu_patch(copy.deepcopy(stock), tile_tokens=tile)
@@ -90,7 +91,7 @@ def test_no_grad_and_inference_save_nothing(form):
                 assert saved_activation_bytes(lambda: patched(x)) == 0
             assert y.grad_fn is None
             with ctx():
-                assert torch.equal(y, stock(x))
+                assert_like_stock(y, stock(x), patch_backend)
 
 
 def test_saved_activation_bytes_dedups_and_skips_parameters():
@@ -105,31 +106,35 @@ def test_saved_activation_bytes_dedups_and_skips_parameters():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", ["split", "packed"])
-def test_default_mode_gradients_bitwise_equal_to_stock(form, dtype):
-    # The PyTorch path runs stock's own ops, and _GLUDown's backward makes stock nn.Linear's mm
+def test_default_mode_gradients_bitwise_equal_to_stock(form, dtype, patch_backend):
+    # The PyTorch path runs stock's own ops, and GLUDown's backward makes stock nn.Linear's mm
     # calls, so on CPU both dtypes are bitwise equal (and within the float64 rule, checked too).
+    # bf16 stays on the PyTorch path with SWIGLU_HF_BACKEND=triton (the interpreter's bf16 is unreliable).
     stock = _mlp(form, dtype)
-    _check_against_stock(stock, apply_swiglu_patch(copy.deepcopy(stock)), _x(dtype), exact=True)
+    exact = patch_backend == "torch" or dtype == torch.bfloat16
+    _check_against_stock(stock, apply_swiglu_patch(copy.deepcopy(stock)), _x(dtype), exact=exact)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", ["split", "packed"])
-def test_tiled_gradients_match_stock(form, dtype):
+def test_tiled_gradients_match_stock(form, dtype, patch_backend):
     stock = _mlp(form, dtype)
     x = _x(dtype, shape=(3, 11))  # 33 tokens: tiles of 8 leave a remainder of 1
     _check_against_stock(stock, apply_swiglu_patch(copy.deepcopy(stock), tile_tokens=8), x)
     # one tile: the same GEMMs as the untiled default mode
-    _check_against_stock(stock, apply_swiglu_patch(copy.deepcopy(stock), tile_tokens="auto"), x, exact=True)
+    exact = patch_backend == "torch" or dtype == torch.bfloat16
+    _check_against_stock(stock, apply_swiglu_patch(copy.deepcopy(stock), tile_tokens="auto"), x, exact=exact)
 
 
 @pytest.mark.parametrize("tile", [None, 4])
-def test_frozen_weights_and_input_without_grad(tile):
+def test_frozen_weights_and_input_without_grad(tile, patch_backend):
     stock = _mlp("split")
     stock.down_proj.weight.requires_grad_(False)
     stock.gate_proj.weight.requires_grad_(False)
     patched = apply_swiglu_patch(copy.deepcopy(stock), tile_tokens=tile)
-    _check_against_stock(stock, patched, _x().detach(), exact=tile is None)
-    _check_against_stock(stock, patched, _x(), exact=tile is None)
+    exact = tile is None and patch_backend == "torch"
+    _check_against_stock(stock, patched, _x().detach(), exact=exact)
+    _check_against_stock(stock, patched, _x(), exact=exact)
 
 
 def test_retained_graph_second_backward_identical():
@@ -142,7 +147,7 @@ def test_retained_graph_second_backward_identical():
 
 
 @pytest.mark.parametrize("tile", [None, 4])
-def test_hooked_down_proj_uses_fallback(tile):
+def test_hooked_down_proj_uses_fallback(tile, patch_backend):
     stock = _mlp("split")
     patched = apply_swiglu_patch(copy.deepcopy(stock), tile_tokens=tile)
     calls = []
@@ -151,7 +156,7 @@ def test_hooked_down_proj_uses_fallback(tile):
     tokens = x.shape[0] * x.shape[1]
     assert saved_activation_bytes(lambda: patched(x)) == (H + (2 * I if tile is None else 0)) * 4 * tokens
     assert calls, "the hook must run: a hooked down_proj is never bypassed"
-    _check_against_stock(stock, patched, x, exact=tile is None)
+    _check_against_stock(stock, patched, x, exact=tile is None and patch_backend == "torch")
 
 
 def test_triton_interpreter_paths():
@@ -166,7 +171,7 @@ def test_triton_interpreter_paths():
 # ---- PEFT LoRA ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("form", ["split", "packed"])
-def test_lora(form):
+def test_lora(form, patch_backend):
     peft = pytest.importorskip("peft")
     targets = ["gate_proj", "up_proj", "down_proj"] if form == "split" else ["gate_up_proj", "down_proj"]
     config = peft.LoraConfig(r=R, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
@@ -180,7 +185,7 @@ def test_lora(form):
     # default: down_proj (a LoRA wrapper) runs as stock runs it and keeps its lora_A output (r); h,
     # which its base linear and lora_A save, is dropped and recomputed from gate/up on unpack
     assert saved_activation_bytes(lambda: patched(x)) == (H + 2 * I + (n_in + 1) * R) * 4 * tokens
-    _check_against_stock(stock, patched, x, exact=True)
+    _check_against_stock(stock, patched, x, exact=patch_backend == "torch")
     tiled = apply_swiglu_patch(copy.deepcopy(stock), tile_tokens=5)
     assert saved_activation_bytes(lambda: tiled(x)) == H * 4 * tokens
     _check_against_stock(stock, tiled, x)
@@ -190,7 +195,7 @@ def test_lora(form):
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_lora_dropout_masks_replayed_in_recompute(reentrant):
+def test_lora_dropout_masks_replayed_in_recompute(reentrant, patch_backend):
     # Recomputing forwards must draw the same dropout masks again. Default mode draws them in
     # stock's order (bitwise equal to stock); tiled mode draws them tile by tile (other masks than
     # stock), identically with or without a checkpoint around it.
@@ -212,7 +217,9 @@ def test_lora_dropout_masks_replayed_in_recompute(reentrant):
 
     want = run(stock, False)
     for got in (run(default, False), run(default, True)):
-        assert torch.equal(got[0], want[0]) and all(torch.equal(got[1][k], want[1][k]) for k in want[1])
+        assert_like_stock(got[0], want[0], patch_backend, "output")
+        for k in want[1]:
+            assert_like_stock(got[1][k], want[1][k], patch_backend, k)
     a, b = run(tiled, False), run(tiled, True)
     assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
@@ -229,7 +236,7 @@ def _run_fn(fn, module, x):
 # ---- torch.compile and gradient checkpointing --------------------------------------------
 
 @pytest.mark.parametrize("form", ["split", "packed"])
-def test_compile_fullgraph_keeps_the_saving(form):
+def test_compile_fullgraph_keeps_the_saving(form, patch_backend):
     stock, x = _mlp(form), _x()
     tokens = x.shape[0] * x.shape[1]
     for tile, per_token in ((None, H + 2 * I), (4, H)):
@@ -252,7 +259,7 @@ def _model_grads(model, ids):
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_hf_gradient_checkpointing(reentrant):
+def test_hf_gradient_checkpointing(reentrant, patch_backend):
     base = build_tiny("tiny-llama").train()
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     ref_logits, ref_grads = _model_grads(copy.deepcopy(base).double(), ids)
@@ -269,7 +276,7 @@ def test_hf_gradient_checkpointing(reentrant):
         assert set(got[1]) == set(want[1]) == set(ref_grads)
         for name in want[1]:
             assert_as_accurate_as_stock(got[1][name], want[1][name], ref_grads[name], name)
-            if tile is None:
+            if tile is None and patch_backend == "torch":
                 assert torch.equal(got[1][name], want[1][name]), name
 
 

@@ -14,6 +14,9 @@ import sys
 import pytest
 import torch
 
+from swiglu_hf.numerics import rel_err
+from tests.conftest import assert_like_stock
+
 from swiglu_hf import apply_swiglu_patch, patched_modules, verify
 from swiglu_hf.tools.models import TINY_MODELS, build_tiny
 
@@ -64,7 +67,7 @@ def test_verify_detects_a_wrong_kernel(monkeypatch):
     assert "MISMATCH" in report.table()
 
 
-def test_peft_lora_before_and_after_patching():
+def test_peft_lora_before_and_after_patching(patch_backend):
     from peft import LoraConfig, get_peft_model
 
     lora = dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"], init_lora_weights=False)
@@ -84,11 +87,13 @@ def test_peft_lora_before_and_after_patching():
     want_logits, want_grads = run(stock)
     for model in (after, before):
         logits, grads = run(model)
-        assert torch.equal(logits, want_logits)
-        assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+        assert_like_stock(logits, want_logits, patch_backend, "logits")
+        for i, (a, b) in enumerate(zip(grads, want_grads)):
+            assert_like_stock(a, b, patch_backend, f"grad {i}")
     merged = after.merge_and_unload()
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, want_logits, rtol=1e-5, atol=1e-5)
+        # merging adds B @ A into the base weight: one rounding per weight, not the same ops as stock
+        assert rel_err(merged(ids).logits, want_logits) < 1e-5
 
 
 def test_cli_verify_exit_codes():
@@ -106,7 +111,7 @@ def test_local_directory_roundtrip_with_safetensors(tmp_path):
     assert report.ok, report.table()
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.raises(ValueError, match="safetensors|config.json"):
         verify(str(empty))
 
 

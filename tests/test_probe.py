@@ -127,17 +127,21 @@ def _train(model, steps=3, seed=1):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_qlora_trains_bitwise_like_stock(mode):
+def test_qlora_trains_like_stock(mode, patch_backend):
+    """Bitwise on the PyTorch path over 3 AdamW steps; within fp32 noise through the interpreter."""
+    from tests.conftest import assert_like_stock
+
     stock = _qlora_model().train(mode == "train")
     patched = copy.deepcopy(stock)
-    apply_swiglu_patch(patched, backend="torch")
+    apply_swiglu_patch(patched)
     assert patched_modules(patched)
     s_losses, s_grads = _train(stock)
     p_losses, p_grads = _train(patched)
-    assert s_losses == p_losses
+    assert_like_stock(torch.tensor(p_losses), torch.tensor(s_losses), patch_backend, "losses")
     assert s_grads[0].keys() == p_grads[0].keys() and any("lora_B" in k for k in s_grads[0])
-    for a, b in zip(s_grads, p_grads):
-        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    for step, (a, b) in enumerate(zip(s_grads, p_grads)):
+        for k in a:
+            assert_like_stock(b[k], a[k], patch_backend, f"step {step} {k}")
 
 
 def test_qlora_probe_does_not_repack_the_weights():

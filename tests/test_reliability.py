@@ -618,7 +618,10 @@ def test_lora_down_proj_under_autocast_matches_stock_backward():
             loss.backward()
             grads.append([p.grad for p in model.parameters() if p.requires_grad])
         for a, b in zip(*grads):
-            torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-3)  # bf16 autocast rounding, same math
+            if tile is None:  # down_proj runs as stock runs it, under the same autocast state: bitwise
+                assert torch.equal(b, a)
+            else:  # tiles: each tile's bf16 GEMM partial rounds on its own before the fp32 sum
+                torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-3)
 
 
 def test_verify_of_an_already_patched_model_compares_against_real_stock(monkeypatch):

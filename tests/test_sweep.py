@@ -19,9 +19,10 @@ VERIFIED = {  # model type -> recipe forms that must be among the patched units
 }
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("model_type", sorted(VERIFIED))
-def test_sweep_verifies(model_type):
-    r = sweep.check(model_type)
+def test_sweep_verifies(model_type, backend):
+    r = sweep.check(model_type, backend=backend)
     assert r.status == "verified", (r.status, r.detail, r.refused)
     assert VERIFIED[model_type] <= set(r.forms) and not r.refused
     # the comparison against float64 ran (non-zero rounding error on both sides) over listed patched units

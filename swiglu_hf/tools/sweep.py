@@ -165,8 +165,8 @@ def _gated_units(model) -> list[str]:
     return [name for name, m in model.named_modules() if match_recipe(m) is not None]
 
 
-def check(model_type: str, *, seed: int = 0, seq_len: int = 8) -> Result:
-    """Build, patch (strict=False, torch backend) and verify one model type."""
+def check(model_type: str, *, seed: int = 0, seq_len: int = 8, backend: str = "torch") -> Result:
+    """Build, patch (strict=False) and verify one model type, on `backend` ("triton": the interpreter on CPU)."""
     t0 = time.perf_counter()
     res = Result(model_type, "failed")
     try:
@@ -179,7 +179,7 @@ def check(model_type: str, *, seed: int = 0, seq_len: int = 8) -> Result:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch", strict=False)
+                patched = apply_swiglu_patch(copy.deepcopy(stock), backend=backend, strict=False)
             except NoGatedMLPError:
                 res.status = "no gated MLP"
                 return res
