@@ -200,13 +200,20 @@ def _drop_saved(h: torch.Tensor, parts, activation: str, backend: str):
         yield
 
 
-def down_of_glu(down_proj: nn.Module, parts, activation: str, backend: str):
-    """down_proj(glu(parts)) in default mode: saves the parts (H + 2I), never h."""
-    if plain_linear(down_proj):
+def down_of_glu(down_proj: nn.Module, parts, activation: str, backend: str, post: nn.Module | None = None):
+    """down_proj(post(glu(parts))) in default mode: saves the parts (H + 2I), never h. `post` is a module
+    between the gate and down_proj (BitNet's ffn_sub_norm); what it saves other than h it keeps."""
+    if post is None and plain_linear(down_proj):
         return GLUDown.apply(down_proj.weight, down_proj.bias, activation, backend, *parts)
     h = glu(parts, activation, backend)
     with _drop_saved(h, parts, activation, backend):
-        return down_proj(h)
+        return down_proj(h if post is None else post(h))
+
+
+def resolve_gate(backend: str, activation: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs this gate: "auto" keeps gates the kernels do not implement on the PyTorch path."""
+    ran = resolve(backend, device, dtype)
+    return "torch" if ran == "triton" and not ops.kernel_gate(activation) else ran
 
 
 # ---- tiled mode: only x saved -----------------------------------------------------------
@@ -380,12 +387,18 @@ class TiledRecompute(torch.autograd.Function):
 
 # ---- the dense MLP (split and packed forms) ---------------------------------------------
 
-def dense_mlp(module: nn.Module, x, projections, down_proj, activation: str, backend: str, tile_tokens):
-    """down_proj(act(gate) * up) with `projections` (gate_proj, up_proj) or (gate_up_proj,)."""
-    backend = resolve(backend, x.device, x.dtype)
+def dense_mlp(module: nn.Module, x, projections, down_proj, activation: str, backend: str, tile_tokens,
+              post: nn.Module | None = None, out_mul: float | None = None):
+    """down_proj(post(gate(...))) * out_mul with `projections` (gate_proj, up_proj) or (gate_up_proj,)."""
+    y = _dense(module, x, projections, down_proj, activation, resolve_gate(backend, activation, x.device, x.dtype),
+               tile_tokens, post)
+    return y if out_mul is None else y * out_mul
 
+
+def _dense(module, x, projections, down_proj, activation, backend, tile_tokens, post):
     def plain(x):
-        return down_proj(glu(tuple(p(x) for p in projections), activation, backend))
+        h = glu(tuple(p(x) for p in projections), activation, backend)
+        return down_proj(h if post is None else post(h))
 
     random = draws_random(module)
     if tile_tokens is not None and (torch.is_grad_enabled() or random):
@@ -397,10 +410,10 @@ def dense_mlp(module: nn.Module, x, projections, down_proj, activation: str, bac
             # Only reached with random submodules: draw dropout masks tile by tile, as the grad-mode
             # path does, so a reentrant checkpoint's no-grad forward and its recompute agree.
             return TiledRecompute.apply(plain, tile, random, x)
-        if all(plain_linear(m) for m in (*projections, down_proj)):
+        if post is None and all(plain_linear(m) for m in (*projections, down_proj)):
             weights = [t for m in (*projections, down_proj) for t in (m.weight, m.bias)]
             return TiledMLP.apply(activation, backend, tile, x, *weights)
         return TiledRecompute.apply(plain, tile, random, x, *_trainable(module))
     if not torch.is_grad_enabled():
         return plain(x)
-    return down_of_glu(down_proj, tuple(p(x) for p in projections), activation, backend)
+    return down_of_glu(down_proj, tuple(p(x) for p in projections), activation, backend, post)

@@ -22,7 +22,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import gate as gate_spec
 from .activations import act_backward, act_forward
+from .errors import BackendUnavailableError
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -36,9 +38,20 @@ def _rows(t: Tensor) -> Tensor:
         return t.reshape(shape)
 
 
-def _halves(x: Tensor) -> tuple[Tensor, Tensor]:
+def _halves(x: Tensor, activation: str = "") -> tuple[Tensor, Tensor]:
+    """(gate, up) of a packed tensor: halves, or the even/odd columns of an interleaved spec."""
+    if "|" in activation:
+        return gate_spec.split_packed(x, gate_spec.parse(activation))
     n = x.shape[-1] // 2
     return x[..., :n], x[..., n:]
+
+
+def kernel_gate(activation: str) -> bool:
+    """Whether the Triton kernels implement this gate (a plain activation over halves)."""
+    return "|" not in activation and activation in gate_spec.ACTIVATIONS
+
+
+_plain = kernel_gate
 
 
 def _on_device(t: Tensor):
@@ -47,6 +60,10 @@ def _on_device(t: Tensor):
 
 
 def _fwd_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
+    if not _plain(activation):
+        if backend == "triton":
+            raise BackendUnavailableError(f"the Triton kernels do not implement the gate {activation!r} yet; use backend='torch' or 'auto'")
+        return gate_spec.apply(gate_spec.parse(activation), gate, up)
     if backend != "triton":
         return act_forward(activation, gate) * up
     from . import kernels
@@ -59,6 +76,8 @@ def _fwd_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor
 
 def _torch_bwd(dh, gate, up, activation: str, with_h: bool = False):
     """(dgate, dup) exactly as eager autograd forms them for act(gate) * up; with_h adds h."""
+    if not _plain(activation):
+        return gate_spec.backward(gate_spec.parse(activation), dh, gate, up, with_h=with_h)
     act = act_forward(activation, gate)
     grads = (act_backward(activation, dh * up, gate, act), dh * act)
     return (act * up, *grads) if with_h else grads
@@ -121,7 +140,7 @@ glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup)
 
 @torch.library.custom_op("swiglu_hf::glu_packed_fwd", mutates_args=())
 def glu_packed_fwd(x: Tensor, activation: str, backend: str) -> Tensor:
-    return _fwd_impl(*_halves(x), activation, backend)
+    return _fwd_impl(*_halves(x, activation), activation, backend)
 
 
 def _glu_packed_fake(x, activation, backend):
@@ -133,6 +152,9 @@ glu_packed_fwd.register_fake(_glu_packed_fake)
 
 @torch.library.custom_op("swiglu_hf::glu_packed_bwd", mutates_args=())
 def glu_packed_bwd(dh: Tensor, x: Tensor, activation: str, backend: str) -> Tensor:
+    if not _plain(activation):
+        spec = gate_spec.parse(activation)
+        return gate_spec.interleave(*gate_spec.backward(spec, dh, *_halves(x, activation)), spec)
     gate, up = _halves(x)
     if backend != "triton":
         return torch.cat(_torch_bwd(dh, gate, up, activation), dim=-1)  # as stock's chunk backward
@@ -177,7 +199,7 @@ glu_fwd_recompute.register_fake(_glu_fake)
 
 @torch.library.custom_op("swiglu_hf::glu_packed_fwd_recompute", mutates_args=())
 def glu_packed_fwd_recompute(x: Tensor, activation: str, backend: str) -> Tensor:
-    return _fwd_impl(*_halves(x), activation, backend)
+    return _fwd_impl(*_halves(x, activation), activation, backend)
 
 
 glu_packed_fwd_recompute.register_fake(_glu_packed_fake)
@@ -213,6 +235,10 @@ def _(dh, gate, up, activation, backend):
 
 @torch.library.custom_op("swiglu_hf::glu_packed_bwd_with_h", mutates_args=())
 def glu_packed_bwd_with_h(dh: Tensor, x: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
+    if not _plain(activation):
+        spec = gate_spec.parse(activation)
+        h, d_gate, d_up = gate_spec.backward(spec, dh, *_halves(x, activation), with_h=True)
+        return h, gate_spec.interleave(d_gate, d_up, spec)
     gate, up = _halves(x)
     if backend != "triton":
         h, dgate, dup = _torch_bwd(dh, gate, up, activation, with_h=True)

@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .activations import ACTIVATIONS, activation_of, describe
 from .backend import ensure_triton
 from .errors import (
     InvalidInputError, NoGatedMLPError, NotPicklableError, PatchRefusedWarning, SelfCheckError, SwigluError,
@@ -124,19 +123,21 @@ def _mlp_like_classes(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if any(k in type(m).__name__.lower() for k in keys)})
 
 
-def _candidate(name: str, module: nn.Module, recipe: Recipe, act) -> str:
-    """The activation name of a matched module, or a typed error saying why it cannot be patched."""
+def _candidate(name: str, module: nn.Module, recipe: Recipe, act, backend: str) -> str:
+    """The gate-spec key of a matched module, or a typed error saying why it cannot be patched."""
     cls = type(module).__name__
     reason = recipe.form.refusal(module, recipe.projections, act)
     if reason is not None:
         raise UnsupportedModuleError(f"{name} ({cls}) has the {recipe.name} structure but {reason}")
-    activation = activation_of(act)
-    if activation is None:
+    spec = recipe.form.gate(module, recipe.projections, act)
+    if isinstance(spec, str):
+        raise UnsupportedActivationError(f"{name} ({cls}): {spec}")
+    if backend == "triton" and not spec.plain:
         raise UnsupportedActivationError(
-            f"{name} ({cls}) uses activation {describe(act)}, which the fused kernels do "
-            f"not implement (supported: {', '.join(ACTIVATIONS)})"
+            f"{name} ({cls}) gates as {spec.describe()}, which the Triton kernels do not implement yet; "
+            "use backend='auto' (the PyTorch path runs it) or 'torch'"
         )
-    return activation
+    return spec.key()
 
 
 _STRICT_HINT = (
@@ -202,7 +203,7 @@ def apply_swiglu_patch(
             continue
         recipe, act = found
         try:
-            activation = _candidate(name, module, recipe, act)
+            activation = _candidate(name, module, recipe, act, backend)
         except SwigluError as err:
             if strict:
                 raise type(err)(f"{err}{_STRICT_HINT}") from None

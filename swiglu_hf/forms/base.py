@@ -6,6 +6,8 @@ of its projections; the form does the rest:
 
     has_structure(module, projections)    does the module have this shape?
     refusal(module, projections, act)     why it cannot take the fused forward, or None
+    gate(module, projections, act)        the GateSpec its attributes describe (swiglu_hf.gate), or the
+                                          reason there is none
     probe_inputs(module, projections, generator)
                                           argument tuples for the patch-time probe (several input
                                           scales, reaching far from 0 where clamps and saturating
@@ -38,6 +40,11 @@ class Form:
 
     def refusal(self, module: nn.Module, projections: dict, act) -> str | None:
         return None
+
+    def gate(self, module: nn.Module, projections: dict, act):
+        from ..gate import read_spec
+
+        return read_spec(module, act)
 
     def probe_inputs(self, module: nn.Module, projections: dict, generator: torch.Generator) -> list[tuple]:
         raise NotImplementedError

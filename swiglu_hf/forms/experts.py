@@ -25,9 +25,11 @@ act(gate) * up:
                (torch.bmm with [E, H, 2I]); the fused op replaces up * act(gate).
 
 tile_tokens does not apply to experts (each expert already sees a subset of tokens); they run in
-the default mode. Refused with a reason (never patched): interleaved gate/up (is_concatenated=False,
-GPT-OSS), a class-specific `_apply_gate` (clamping, alpha-scaled sigmoid, up + 1: GPT-OSS,
-DeepSeek-V4, MiniMax-M3), a post-expert norm, no act_fn, differing expert counts in gate_up_proj
+the default mode. A class-specific `_apply_gate` is fused when the module's attributes describe it
+(swiglu_hf.gate: clamps from limit/swiglu_limit, alpha-scaled sigmoid with up + 1 from
+alpha/swiglu_alpha; GPT-OSS, DeepSeek-V4, MiniMax-M3), interleaved gate/up columns included
+(is_concatenated=False, GPT-OSS), and the probe confirms it. Refused with a reason (never patched):
+any other `_apply_gate`, a post-expert norm, no act_fn and no alpha, differing expert counts in gate_up_proj
 and down_proj (LongCat-Flash's zero-computation experts), shapes matching neither layout, a
 forward signature other than the two above, an experts_implementation other than eager /
 grouped_mm / batched_mm / deepgemm (e.g. sonicmoe), a class-specific experts_interface, and
@@ -48,9 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..backend import resolve
 from ..errors import UnsupportedModuleError
-from ..gated import GLUDown, glu
+from ..gate import read_spec
+from ..gated import GLUDown, glu, resolve_gate
 from .base import Form
 
 # Implementations (transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS) that gate through _apply_gate.
@@ -158,6 +160,11 @@ def _expert_parallel(module) -> str | None:
     return None
 
 
+def _interleaved(module) -> bool:
+    """transformers' experts decorator marks GPT-OSS's even/odd gate/up columns with is_concatenated=False."""
+    return getattr(module, "is_concatenated", True) is False
+
+
 def refusal(module: nn.Module, projections: dict, act) -> str | None:
     """Why an experts-shaped module cannot take the fused forward, or None if it can (probe pending)."""
     cls = type(module).__name__
@@ -174,8 +181,6 @@ def refusal(module: nn.Module, projections: dict, act) -> str | None:
             f"expert weights gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} match neither "
             "[E, 2I, H] / [E, H, I] nor the transposed [E, H, 2I] / [E, I, H]"
         )
-    if getattr(module, "is_concatenated", True) is False:
-        return "gate and up are interleaved along the 2I axis (is_concatenated=False), not two halves"
     if hasattr(module, "is_transposed") and bool(module.is_transposed) != transposed:
         return f"is_transposed={module.is_transposed} disagrees with the weight shapes"
     if getattr(module, "has_gate", True) is False:
@@ -183,13 +188,14 @@ def refusal(module: nn.Module, projections: dict, act) -> str | None:
     if getattr(module, "has_post_expert_norm", False):
         return "a norm is applied to each expert's output (has_post_expert_norm=True)"
     gate_fn = getattr(type(module), "_apply_gate", None)
-    if gate_fn is not None and gate_fn is not _moe()._default_apply_gate:
+    spec = read_spec(module, act, interleaved=_interleaved(module))
+    if isinstance(spec, str):
+        return spec
+    if gate_fn is not None and gate_fn is not _moe()._default_apply_gate and spec.plain:
         return (
-            f"{cls}._apply_gate computes its own gating instead of act(gate) * up "
-            "(e.g. clamping, an alpha-scaled sigmoid, up + 1)"
+            f"{cls}._apply_gate computes its own gating, and no attribute (limit/swiglu_limit, alpha/swiglu_alpha, "
+            "gate_multiplier) says which: e.g. an activation taking (gate, up) together"
         )
-    if act is None:
-        return "no act_fn attribute: the gating function is not a plain activation"
     bias = _bias(module, projections["gate_up"]), _bias(module, projections["down"])
     if hasattr(module, "has_bias") and bool(module.has_bias) != all(b is not None for b in bias):
         return f"has_bias={module.has_bias} disagrees with the bias parameters found"
@@ -308,7 +314,7 @@ def experts_forward(module, state, /, *args, impl: str | None = None, **kwargs):
     """The fused forward bound on an experts module; `impl` overrides the dispatch (probe only)."""
     values = _bind(module, args, kwargs)
     hidden_states = values[0]
-    backend = resolve(state.backend, hidden_states.device, hidden_states.dtype)
+    backend = resolve_gate(state.backend, state.activation, hidden_states.device, hidden_states.dtype)
     if _signature(type(module)) == "bmm":
         return _bmm(module, state, hidden_states, backend)
     top_k_index, top_k_weights = values[1], values[2]
@@ -360,6 +366,9 @@ class ExpertsForm(Form):
 
     def refusal(self, module, projections, act):
         return refusal(module, projections, act)
+
+    def gate(self, module, projections, act):
+        return read_spec(module, act, interleaved=_interleaved(module))
 
     def probe_inputs(self, module, projections, generator):
         return [_probe_inputs(module, projections, generator, scale) for scale in (None, _PROBE_GATE_SCALE)]
