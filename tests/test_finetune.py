@@ -1,109 +1,293 @@
-"""The accelerate fine-tuning comparison: outputs, loss agreement, memory accounting, DDP."""
+"""`swiglu-hf finetune` and examples/finetune.py: what ran, bitwise losses, exact memory, data, saves, DDP."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
+import importlib.util
+import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from swiglu_hf import cli, patched_modules
-from swiglu_hf.tools import finetune, peers
-from swiglu_hf.finetune import FinetuneConfig, VariantUnavailable, apply_variant, make_batches, run
+from swiglu_hf import patched_modules
+from swiglu_hf.errors import InvalidInputError
+from swiglu_hf.tools import finetune, finetune_data, finetune_run
+from swiglu_hf.tools.finetune import FinetuneConfig
+from swiglu_hf.tools.finetune_memory import LiveTensorBytes, resident_bytes
+from swiglu_hf.tools.progress import StepProgress
+from swiglu_hf.tools.tiny_checkpoint import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--steps", "6", "--warmup-steps", "2", "--batch-size", "2", "--seq-len", "32", "--device", "cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BYTE_LLAMA = json.loads((finetune_data.DATA_DIR / "byte_llama.json").read_text())
+B, T = 8, 64  # activations dominate the peak at this size (at 2 x 32 the optimizer's temporaries do)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_path():
+    """backend="auto" means the PyTorch path on CPU here, whatever SWIGLU_HF_BACKEND the suite runs with."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("SWIGLU_HF_BACKEND", raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finetune")
-    assert finetune.main([*TINY, "--variants", "stock,patched,liger", "--out", str(out)]) == 0
-    return out, json.loads((out / "results.json").read_text())
+def cpu_run(tmp_path_factory):
+    """One CLI run: stock, patched, tiled (+ liger, skipped on CPU), 2 steps, weights saved."""
+    out, save = tmp_path_factory.mktemp("finetune"), tmp_path_factory.mktemp("saved")
+    argv = ["--variants", "stock,patched,tiled,liger", "--steps", "2", "--batch-size", str(B), "--seq-len", str(T),
+            "--device", "cpu", "--log-every", "1", "--eval-batches", "1", "--save", str(save), "--out", str(out)]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        assert finetune.main(argv) == 0
+    return out, save, json.loads((out / "results.json").read_text()), log.getvalue()
 
 
-def test_results_schema(default_run):
-    _, results = default_run
-    for key in ("device", "model", "dtype", "steps", "variants"):
-        assert key in results
-    assert results["steps"] == 6
-    assert set(results["variants"]) == {"stock", "patched"} and results["pending"] == []
-    for v in results["variants"].values():
-        assert v["tokens_per_s"] > 0 and v["step_time_s"] > 0
-        assert v["peak_memory_bytes"] > 0  # Linux: peak RSS growth (grads, Adam state, activations)
-        assert len(v["losses"]) == 6 and all(math.isfinite(x) for x in v["losses"])
-        assert v["losses"][-1] < v["losses"][0] - 0.1  # it learns: byte loss starts near ln(264) = 5.6
+def test_results_record_what_ran(cpu_run):
+    _, _, r, _ = cpu_run
+    assert r["schema_version"] == 2
+    assert datetime.datetime.fromisoformat(r["created_utc"]).utcoffset() == datetime.timedelta(0)
+    assert r["command"].startswith("swiglu-hf finetune ") and "--steps 2" in r["command"] and "--save" in r["command"]
+    for pkg in ("swiglu_hf", "torch", "transformers", "accelerate"):
+        assert r["versions"][pkg]
+    assert r["engine"] == {"name": "none"} and r["num_processes"] == 1
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and r["mixed_precision"] == "no"
+    assert r["pretrained"] is False and r["task"] == "training a tiny Llama from random init on the shipped corpus"
+    # --steps 2 with the default warm-up (2): clamped so that one step is timed, with a notice
+    assert r["warmup_steps"] == 0 and r["timed_steps"] == [0] and r["memory_step"] == 1
+    assert any("warm-up clamped from 2 to 0" in n for n in r["notices"])
+    assert list(r["variants"]) == ["stock", "patched", "tiled"] and r["pending"] == []
+    layers = BYTE_LLAMA["num_hidden_layers"]
+    expected = {"stock": ("stock eager", 0), "patched": ("torch", layers), "tiled": ("torch", layers)}
+    for name, v in r["variants"].items():
+        assert (v["backend"], v["patched_modules"]) == expected[name]
+        assert len(v["step_times_s"]) == len(v["step_cpu_times_s"]) == 2 and all(t > 0 for t in v["step_times_s"])
+        assert len(v["losses"]) == 2 and all(math.isfinite(x) for x in v["losses"])
+        assert v["tokens_per_s"] == pytest.approx(B * T / v["step_times_s"][0])
+        assert math.isfinite(v["eval_loss"]) and v["eval_loss"] < math.log(BYTE_LLAMA["vocab_size"]) + 0.5
 
 
-def test_patched_loss_equals_stock(default_run):
-    _, results = default_run
-    stock, patched = results["variants"]["stock"], results["variants"]["patched"]
-    # The CPU path runs the same aten ops as stock eager, so fp32 training matches step for step.
-    assert patched["max_rel_loss_diff_vs_stock"] <= 1e-6
-    assert patched["losses"] == pytest.approx(stock["losses"], rel=1e-6)
+def test_header_comes_before_training_and_progress_is_logged_off_a_terminal(cpu_run):
+    _, _, _, log = cpu_run
+    header = log.index("swiglu-hf finetune: training a tiny Llama from random init")
+    assert header < log.index("step 1/2") < log.index("variant  backend")
+    assert "stock  step 2/2" in log and "(memory step, not timed)" in log
 
 
-def test_patched_saves_less_for_backward(default_run):
-    _, results = default_run
-    stock, patched = results["variants"]["stock"], results["variants"]["patched"]
-    # docs/ARCHITECTURE.md: stock saves H + 4I per token per MLP, the fused op H + 2I.
-    cfg = json.loads(finetune.DEFAULT_CONFIG.read_text())
-    tokens, layers, inter = 2 * 32, cfg["num_hidden_layers"], cfg["intermediate_size"]
-    assert stock["saved_activation_bytes"] - patched["saved_activation_bytes"] == 2 * inter * tokens * layers * 4
+def test_patched_and_tiled_losses_are_bitwise_equal_to_stock(cpu_run):
+    _, _, r, _ = cpu_run
+    stock = r["variants"]["stock"]
+    for name in ("patched", "tiled"):  # the CPU torch path runs the same aten ops as stock eager
+        v = r["variants"][name]
+        assert v["losses"] == stock["losses"] and v["eval_loss"] == stock["eval_loss"]
+        assert v["losses_bitwise_equal_stock"] is True and v["max_abs_loss_diff_vs_stock"] == 0
 
 
-def test_unavailable_peer_is_reported_not_run(default_run):
-    _, results = default_run
-    assert "liger" not in results["variants"]
-    assert "CUDA" in results["skipped"]["liger"] or "not installed" in results["skipped"]["liger"]
+def test_saved_bytes_are_exact(cpu_run):
+    _, _, r, _ = cpu_run
+    v = r["variants"]
+    # per token and MLP layer, fp32: stock saves H + 4I, patched H + 2I, tiled H (README table)
+    mlp_saving = 2 * BYTE_LLAMA["intermediate_size"] * 4 * B * T * BYTE_LLAMA["num_hidden_layers"]
+    assert v["stock"]["saved_activation_bytes"] - v["patched"]["saved_activation_bytes"] == mlp_saving
+    assert v["patched"]["saved_activation_bytes"] - v["tiled"]["saved_activation_bytes"] == mlp_saving
 
 
-def test_outputs_written(default_run):
-    out, _ = default_run
+def test_peak_memory_shows_the_mlp_saving(cpu_run):
+    _, _, r, _ = cpu_run
+    v = r["variants"]
+    layers = BYTE_LLAMA["num_hidden_layers"]
+    mlp_saving = 2 * BYTE_LLAMA["intermediate_size"] * 4 * B * T * layers
+    assert len({x["resident_bytes"] for x in v.values()}) == 1  # same weights, grads, Adam state
+    # Backward recomputes one layer's act(gate) at a time, so the peak keeps at most one layer's share.
+    assert v["stock"]["peak_memory_bytes"] - v["patched"]["peak_memory_bytes"] >= mlp_saving * (layers - 1) / layers
+    # tiled recomputes gate and up per tile in backward: a smaller peak still, though not by its whole saving
+    assert v["tiled"]["peak_memory_bytes"] < v["patched"]["peak_memory_bytes"]
+
+
+def test_live_tensor_tracker_is_exact():
+    x = torch.ones(1000)
+    assert resident_bytes([x, x[10:], x.view(10, 100)]) == 4000  # one storage, counted once
+    tracker = LiveTensorBytes()
+    with tracker:
+        a = torch.empty(1000)  # 4000 bytes
+        b = a.view(10, 100)  # a view: no new storage
+        c = a * 2  # 4000
+        del a, b
+        d = torch.empty(250)  # 1000; a's storage was freed with its last tensor
+    assert tracker.peak == 8000 and tracker.live == 5000
+    del c, d
+    assert tracker.live == 0
+
+
+def test_weights_saved_by_stock_and_patched_are_identical(cpu_run):
+    from transformers import AutoModelForCausalLM
+
+    _, save, r, _ = cpu_run
+    files = {name: save / name / "model.safetensors" for name in r["variants"]}
+    assert _sha(files["patched"]) == _sha(files["stock"]) == _sha(files["tiled"])
+    loaded = AutoModelForCausalLM.from_pretrained(save / "patched", local_files_only=True)  # the stock class
+    assert not patched_modules(loaded)
+
+
+def test_unavailable_peer_is_reported_not_run(cpu_run):
+    _, _, r, _ = cpu_run
+    assert "liger" not in r["variants"]
+    assert "CUDA" in r["skipped"]["liger"] or "not installed" in r["skipped"]["liger"]
+
+
+def test_outputs_written(cpu_run):
+    out, _, r, log = cpu_run
     for name in ("loss_curves.png", "tokens_per_s.png", "memory.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     md = (out / "results.md").read_text()
-    assert "| stock |" in md and "| patched |" in md and "skipped liger" in md
+    assert "| stock |" in md and "| patched |" in md and "skipped liger" in md and "0 (bitwise)" in md
+    assert r["command"] in md and "peak memory" in md
+    assert "patched: peak memory" in log  # the MLP saving in the printed notes
 
 
-def test_bad_variant_name_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["finetune", "--variants", "stock,fused"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "'fused'" in err and "stock, patched, tiled, liger, compile" in err
-    with pytest.raises(ValueError, match="unknown variant"):
-        FinetuneConfig(variants=("stock", "fused"))
+def test_progress_logs_every_n_steps_off_a_terminal():
+    stream = io.StringIO()  # not a TTY
+    with StepProgress("patched", 7, log_every=3, stream=stream) as progress:
+        for step in range(7):
+            progress.update(2.0 - step / 10, 0.5, "memory step, not timed" if step == 6 else "")
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == ["3/7", "6/7", "7/7"]
+    assert "(memory step, not timed)" in lines[-1]
+    quiet = io.StringIO()
+    StepProgress("x", 2, enabled=False, stream=quiet).update(1.0, 0.1)
+    assert quiet.getvalue() == ""
 
 
-def test_missing_peers_raise_variant_unavailable(monkeypatch):
-    model = nn.Linear(2, 2)
-    with pytest.raises(VariantUnavailable, match="CUDA device"):
-        apply_variant("liger", model, torch.device("cpu"))
-    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(VariantUnavailable, match="not installed"):  # the device is only named here
-        apply_variant("liger", model, torch.device("cuda"))
+def test_config_clamps_warmup_and_refuses_bad_values():
+    cfg = FinetuneConfig(steps=2, warmup_steps=5)
+    assert cfg.warmup_steps == 0 and list(cfg.timed_steps) == [0] and "clamped from 5 to 0" in cfg.notices[0]
+    assert FinetuneConfig(steps=1).warmup_steps == 0 and not list(FinetuneConfig(steps=1).timed_steps)
+    for bad in (dict(steps=0), dict(variants=("stock", "fused")), dict(eval_fraction=1.0), dict(lr=0),
+                dict(model="x", preset="llama-3.2-1b"), dict(backend="cuda")):
+        with pytest.raises(InvalidInputError):
+            FinetuneConfig(**bad)
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+def test_data_formats_and_their_errors(tmp_path, monkeypatch):
+    (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n\n{"text": "c", "id": 1}\n')
+    tokens, about = finetune_data.load_tokens(tmp_path / "a.jsonl", None, 264, eos_token_id=258)
+    assert tokens.tolist() == [97, 98, 258, 99, 258] and about["documents"] == 2
+    (tmp_path / "a.txt").write_text("héllo\n")
+    tokens, _ = finetune_data.load_tokens(tmp_path / "a.txt", None, 264, eos_token_id=258)
+    assert tokens.tolist() == [*"héllo\n".encode(), 258]
+
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
+    with pytest.raises(InvalidInputError, match=r"b.jsonl:2 has no 'text' field \(it has 'body'\).*--text-field"):
+        finetune_data.load_tokens(tmp_path / "b.jsonl", None, 264, eos_token_id=258)
+    (tmp_path / "c.jsonl").write_text("{oops\n")
+    with pytest.raises(InvalidInputError, match="c.jsonl:1 is not valid JSON"):
+        finetune_data.load_tokens(tmp_path / "c.jsonl", None, 264, eos_token_id=258)
+    (tmp_path / "d.csv").write_text("x\n")
+    with pytest.raises(InvalidInputError, match="unsupported file type '.csv'"):
+        finetune_data.read_documents(tmp_path / "d.csv")
+    with pytest.raises(InvalidInputError, match="no such file"):
+        finetune_data.read_documents(tmp_path / "missing.jsonl")
+    with pytest.raises(InvalidInputError, match="not one saved with datasets"):
+        finetune_data.read_documents(tmp_path)
+
+    (tmp_path / "e.parquet").write_bytes(b"PAR1")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset_dict.json").write_text("{}")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(finetune_data.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("pyarrow", "datasets") else real(name, *a))
+    with pytest.raises(finetune_data.MissingDependencyError, match="pip install pyarrow"):
+        finetune_data.read_documents(tmp_path / "e.parquet")
+    with pytest.raises(finetune_data.MissingDependencyError, match="pip install datasets"):
+        finetune_data.read_documents(tmp_path / "ds")
+
+
+def test_parquet_is_read_when_pyarrow_is_installed(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["ab", "", "c"]}), tmp_path / "t.parquet")
+    tokens, about = finetune_data.load_tokens(tmp_path / "t.parquet", None, 264, eos_token_id=258, text_field="content")
+    assert tokens.tolist() == [97, 98, 258, 99, 258] and about["documents"] == 2
+
+
+def test_windows_hold_out_eval_and_batches_are_seeded_split_and_accumulable():
+    train, held_out = finetune_data.split_windows(torch.arange(1005), 10, 0.1)
+    assert train.shape == (90, 10) and held_out.shape == (10, 10) and held_out[0, 0] == 900
+    with pytest.raises(InvalidInputError, match="too few"):
+        finetune_data.split_windows(torch.arange(15), 10, 0.1)
+    common = dict(steps=3, seed=0)
+    rank0 = finetune_data.make_batches(train, grad_accum=1, batch_size=2, num_processes=2, rank=0, **common)
+    rank1 = finetune_data.make_batches(train, grad_accum=1, batch_size=2, num_processes=2, rank=1, **common)
+    again = finetune_data.make_batches(train, grad_accum=1, batch_size=2, num_processes=2, rank=0, **common)
+    assert len(rank0) == 3 and rank0[0].shape == (2, 10)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, again))
+    assert not set(torch.cat(rank0)[:, 0].tolist()) & set(torch.cat(rank1)[:, 0].tolist())
+    # micro-batches of 2 accumulated twice are the windows of one batch of 4
+    accumulated = finetune_data.make_batches(train, grad_accum=2, batch_size=2, **common)
+    single = finetune_data.make_batches(train, grad_accum=1, batch_size=4, **common)
+    assert all(torch.equal(torch.cat(accumulated[2 * i:2 * i + 2]), single[i]) for i in range(3))
+
+
+# ---- real checkpoints, LoRA, interruption, DDP, the example --------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny Llama as a local checkpoint with its own (byte-level) tokenizer, and a .jsonl."""
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+    corpus = finetune_data.CORPUS.read_text(encoding="utf-8")
+    docs = [p.strip() for p in corpus.split("\n\n") if p.strip()]
+    jsonl = path.parent / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path, jsonl
+
+
+def test_local_checkpoint_with_tokenizer_jsonl_lora_and_checkpointing(checkpoint, tmp_path):
+    path, jsonl = checkpoint
+    cfg = FinetuneConfig(model=str(path), data=str(jsonl), variants=("stock", "patched"), steps=2, batch_size=2,
+                         seq_len=16, device="cpu", lora=True, gradient_checkpointing=True, save=str(tmp_path),
+                         eval_batches=1)
+    r = finetune.run(cfg, quiet=True)
+    assert r["pretrained"] is True and "pretrained weights" in r["model"] and r["data"]["source"] == str(jsonl)
+    assert r["task"] == f"fine-tuning pretrained weights of {path} on {jsonl} (LoRA adapters)"
+    assert r["data"]["tokenizer"] != "byte-level (UTF-8 bytes)" and r["data"]["eval_windows"] >= 1
+    # reading stops once the run has enough tokens (2 steps x 2 windows, plus the eval share)
+    assert 1 <= r["data"]["documents"] < len(jsonl.read_text().splitlines())
+    stock, patched = r["variants"]["stock"], r["variants"]["patched"]
+    assert patched["losses"] == stock["losses"] and patched["eval_loss"] == stock["eval_loss"]
+    adapters = [tmp_path / name / "adapter_model.safetensors" for name in ("stock", "patched")]
+    assert _sha(adapters[0]) == _sha(adapters[1])
+    assert not (tmp_path / "stock" / "model.safetensors").exists()  # the adapter only
+    assert (tmp_path / "stock" / "tokenizer.json").exists()
 
 
 def test_results_are_written_after_each_variant(tmp_path, monkeypatch):
     # A run stopped part-way (gpu_check.sh's `timeout` sends SIGINT) keeps the variants it finished.
-    train = finetune.train_variant
+    train = finetune_run.train_variant
 
     def stopped_during_patched(accelerator, model, *args, **kwargs):
         if patched_modules(model):
             raise KeyboardInterrupt
         return train(accelerator, model, *args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_variant", stopped_during_patched)
-    argv = ["--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu"]
-    with pytest.raises(KeyboardInterrupt):
-        finetune.main([*argv, "--variants", "stock,liger,patched,tiled", "--out", str(tmp_path)])
+    monkeypatch.setattr(finetune_run, "train_variant", stopped_during_patched)
+    argv = ["--steps", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert finetune.main([*argv, "--variants", "stock,liger,patched,tiled", "--out", str(tmp_path)]) == 130
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["variants"]) == ["stock"] and list(results["skipped"]) == ["liger"]
     assert results["pending"] == ["patched", "tiled"]
@@ -112,58 +296,52 @@ def test_results_are_written_after_each_variant(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.tmp"))  # plots only at the end
 
 
-def test_batches_are_seeded_and_split_across_ranks():
-    tokens = torch.arange(1000)
-    cfg = FinetuneConfig(steps=3, batch_size=2, seq_len=8, warmup_steps=0)
-    rank0, rank1 = make_batches(tokens, cfg, 2, 0), make_batches(tokens, cfg, 2, 1)
-    assert all(torch.equal(a, b) for a, b in zip(rank0, make_batches(tokens, cfg, 2, 0)))
-    assert len(rank0) == 3 and rank0[0].shape == (2, 8)
-    assert not torch.equal(rank0[0], rank1[0])
-
-
-def test_grad_accumulation_equals_the_larger_batch():
-    # Micro-batches of 2 accumulated twice are drawn as the same windows as one batch of 4.
-    common = dict(variants=("stock",), steps=3, warmup_steps=1, seq_len=16, device="cpu")
-    accumulated = run(FinetuneConfig(batch_size=2, grad_accum=2, **common))["variants"]["stock"]["losses"]
-    single = run(FinetuneConfig(batch_size=4, grad_accum=1, **common))["variants"]["stock"]["losses"]
-    assert accumulated == pytest.approx(single, rel=1e-5)
-
-
-def test_lora_with_checkpointing_patched_matches_stock():
-    cfg = FinetuneConfig(steps=3, warmup_steps=1, batch_size=2, seq_len=16, device="cpu", lora=True,
-                         gradient_checkpointing=True)
-    variants = run(cfg)["variants"]
-    assert variants["patched"]["losses"] == pytest.approx(variants["stock"]["losses"], rel=1e-6)
-
-
-def test_ddp_two_processes_stock_matches_patched(tmp_path):
+def test_ddp_two_processes_record_the_engine_and_match_bitwise(tmp_path):
     # `accelerate launch --cpu` starts a single process; `--multi_gpu` with --device cpu gives
     # real 2-process DDP on CPU (gloo).
+    cli = Path(sys.executable).with_name("swiglu-hf")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "examples" / "finetune.py"), "--steps", "3", "--warmup-steps", "1",
-           "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(cli), "finetune",
+           "--variants", "stock,patched", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
+           "--eval-batches", "1",
+           "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["num_processes"] == 2
-    assert proc.stdout.count("variant  tokens/s") == 1  # only rank 0 prints the table
-    stock, patched = results["variants"]["stock"]["losses"], results["variants"]["patched"]["losses"]
-    assert len(stock) == 3 and patched == pytest.approx(stock, rel=1e-5)
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["num_processes"] == 2 and r["engine"]["name"] == "DDP"
+    assert proc.stdout.count("swiglu-hf finetune:") == 1 and proc.stdout.count("variant  backend") == 1  # rank 0 only
+    assert r["variants"]["patched"]["losses"] == r["variants"]["stock"]["losses"]
 
 
 def test_llama_1b_preset_has_the_real_shape():
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # shape only: no 5 GB of weights
-        model = AutoModelForCausalLM.from_config(finetune.hf_config(finetune.PRESETS["llama-3.2-1b"]))
+        model = AutoModelForCausalLM.from_config(finetune.hf_config(finetune.PRESET_CONFIGS["llama-3.2-1b"]))
     assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama-3.2-1B, tied embeddings
 
 
-def test_local_checkpoint_without_tokenizer_trains_on_bytes(tmp_path):
-    model, _, _ = finetune.build_model(FinetuneConfig())
-    model.save_pretrained(tmp_path / "ckpt")
-    results = run(FinetuneConfig(model=str(tmp_path / "ckpt"), steps=2, warmup_steps=1, batch_size=2,
-                                 seq_len=16, device="cpu"))
-    assert results["tokenizer"] == "byte-level"
-    assert results["variants"]["patched"]["losses"] == results["variants"]["stock"]["losses"]
+def _example():
+    spec = importlib.util.spec_from_file_location("example_finetune", ROOT / "examples" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_script_trains_evaluates_and_saves_like_stock(checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, jsonl = checkpoint
+    example = _example()
+    common = ["--model", str(path), "--data", str(jsonl), "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2",
+              "--max-steps", "1", "--lr", "1e-3"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        patched = example.main([*common, "--out", str(tmp_path / "patched")])
+        stock = example.main([*common, "--out", str(tmp_path / "stock"), "--no-patch"])
+    assert math.isfinite(patched) and patched == stock
+    assert _sha(tmp_path / "patched" / "model.safetensors") == _sha(tmp_path / "stock" / "model.safetensors")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "patched", local_files_only=True)
+    original = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+    assert (tmp_path / "patched" / "tokenizer.json").exists()

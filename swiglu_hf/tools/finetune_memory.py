@@ -1,75 +1,152 @@
-"""Peak-memory measurement for `swiglu-hf finetune`: CUDA allocator peaks, or CPU peak RSS.
+"""Peak memory for `swiglu-hf finetune`, deterministic on every device.
 
-    memory_kind(device)           one line saying what peak_memory_bytes means on this device
-    start_memory(device)          reset the peak counters after the warm-up steps; the CPU baseline
-    read_memory(device, baseline) {"peak_memory_bytes": ..., ["peak_reserved_bytes": ...]}
+    tracker = PeakMemory(device, model, optimizer)
+    with tracker:                   # one training step (the "memory step", not timed)
+        ...
+    tracker.result()                # {"peak_memory_bytes": ..., "resident_bytes": ..., ...}
 
-CUDA: torch.cuda.max_memory_allocated / max_memory_reserved. CPU (Linux): the growth of the
-kernel's RSS high-water mark (VmHWM in /proc/self/status, reset through /proc/self/clear_refs)
-above the RSS at the start; None where /proc does not support the reset.
+CUDA: torch.cuda.max_memory_allocated / max_memory_reserved since the peak counters were reset
+by `reset_cuda_peak` (after the warm-up steps), read after the memory step.
+
+CPU: there is no allocator counter, and the process RSS is glibc's heap high-water mark, not live
+tensors (it hid a 9 MiB activation saving under 1-2 MiB of noise). So the memory step runs under
+`LiveTensorBytes`, a TorchDispatchMode that sees every tensor an op returns and counts each
+untyped storage once, from the op that created it until a weakref finalizer says it was freed.
+The peak is the resident bytes at the start (parameters, buffers, gradients, optimizer state,
+each storage once) plus the highest total of live storages created during the step. Exact and
+repeatable: the same ops give the same bytes. It slows each op down (Python runs for every
+op), which is why the memory step is left out of the timing.
+
+Not seen on CPU: buffers an engine allocated before the step (DDP's gradient buckets) and
+memory torch.compile's generated code allocates without going through the dispatcher.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
-from pathlib import Path
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
 
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise KeyError(field)
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5 = reset peak RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+CPU_KIND = ("live tensor bytes (CPU): parameters, buffers, gradients and optimizer state at the start of "
+            "the memory step plus the peak of tensors allocated during it; each storage counted once")
+CUDA_KIND = "torch.cuda.max_memory_allocated over the timed steps and the memory step (max reserved in peak_reserved_bytes)"
 
 
 def memory_kind(device: torch.device) -> str:
+    return CUDA_KIND if device.type == "cuda" else CPU_KIND
+
+
+def _storages(t: torch.Tensor):
+    """The untyped storages behind `t` (a DTensor or other wrapper subclass: its inner tensors)."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return [t.untyped_storage()]
+    todo, out = [t], []
+    while todo:
+        x = todo.pop()
+        if is_traceable_wrapper_subclass(x):
+            todo.extend(v for v in (getattr(x, a) for a in x.__tensor_flatten__()[0]) if isinstance(v, torch.Tensor))
+        else:
+            try:
+                out.append(x.untyped_storage())
+            except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+                pass
+    return out
+
+
+def resident_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and shared storages counted once)."""
+    seen = {}
+    for t in tensors:
+        for st in _storages(t):
+            if st.device.type != "meta":
+                seen[(st.device, st.data_ptr()) if st.data_ptr() else id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def training_state(model: torch.nn.Module, optimizer) -> list[torch.Tensor]:
+    """Parameters, buffers, gradients and optimizer state tensors."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    state = getattr(optimizer, "state", {})  # accelerate's AcceleratedOptimizer forwards .state
+    for per_param in state.values():
+        tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of storages created by ops inside the block that are still alive; keeps the peak."""
+
+    def __init__(self):
+        from torch.distributed.tensor import DTensor
+
+        super().__init__()
+        self._dtensor = DTensor
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int, nbytes: int, _ref) -> None:
+        self.live -= nbytes
+        self._refs.pop(key, None)
+
+    def _track(self, st: torch.UntypedStorage) -> None:
+        key = id(st)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is st:
+            return  # already counted (a view, or an op returning its input)
+        nbytes = st.nbytes()
+        if nbytes == 0 or st.device.type == "meta":
+            return
+        self._refs[key] = weakref.ref(st, lambda r, k=key, n=nbytes: self._freed(k, n, r))
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._dtensor in types:
+            return NotImplemented  # let DTensor unwrap to local ops, which come back here
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                for st in _storages(t):
+                    self._track(st)
+        return out
+
+
+def reset_cuda_peak(device: torch.device) -> None:
+    """Reset CUDA's peak counters after the warm-up steps (a no-op elsewhere)."""
     if device.type == "cuda":
-        return ("CUDA max_memory_allocated over the timed steps: weights, grads, optimizer state, activations "
-                "(max reserved in peak_reserved_bytes)")
-    if _reset_rss_peak():
-        return ("CPU peak RSS growth over the timed steps, above the RSS between steps (Linux VmHWM): "
-                "grads, activations, temporaries and glibc heap retention; weights and optimizer state "
-                "are in the baseline")
-    return "unavailable: CPU peak RSS needs Linux /proc/self/clear_refs"
-
-
-def start_memory(device: torch.device) -> int | None:
-    """Reset the peak counters; returns the CPU RSS baseline (None where it cannot be measured).
-
-    Called after the warm-up steps, so one-time costs (thread pools, autotuning buffers, lazy
-    optimizer state) are not charged to whichever variant runs first. On CPU glibc's free lists
-    are trimmed first: memory freed earlier but kept by glibc would be reused without raising RSS.
-    Within the steps glibc still keeps freed chunks (its mmap threshold adapts upwards), so RSS
-    is the heap's high-water mark, not live tensors; MALLOC_MMAP_THRESHOLD_=65536 in the
-    environment makes it track live tensors closely, at the price of slower steps.
-    """
-    gc.collect()
-    if device.type == "cuda":
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        return 0
-    trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-    return _status_bytes("VmRSS") if _reset_rss_peak() else None
 
 
-def read_memory(device: torch.device, baseline: int | None) -> dict:
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
-    return {"peak_memory_bytes": None if baseline is None else _status_bytes("VmHWM") - baseline}
+class PeakMemory:
+    """Context manager around the memory step; result() gives the peak for this device."""
+
+    def __init__(self, device: torch.device, model: torch.nn.Module, optimizer):
+        self.device, self.model, self.optimizer = device, model, optimizer
+        self.mode = None if device.type == "cuda" else LiveTensorBytes()
+        self.resident = None
+
+    def __enter__(self):
+        gc.collect()  # garbage from earlier steps would otherwise look resident
+        if self.mode is not None:
+            self.resident = resident_bytes(training_state(self.model, self.optimizer))
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+        return False
+
+    def result(self) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return {"peak_memory_bytes": torch.cuda.max_memory_allocated(self.device),
+                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
+        return {"peak_memory_bytes": self.resident + self.mode.peak, "resident_bytes": self.resident}

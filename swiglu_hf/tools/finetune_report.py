@@ -1,4 +1,4 @@
-"""Results of `swiglu-hf finetune` as a text table, results.json, results.md and PNG plots."""
+"""Results of `swiglu-hf finetune` as text: the header, the table, results.json and results.md."""
 
 from __future__ import annotations
 
@@ -6,99 +6,122 @@ import json
 from pathlib import Path
 
 MIB = 2**20
-HEADERS = ("variant", "tokens/s", "step ms", "peak mem MiB", "saved act MiB", "final loss", "max rel loss diff vs stock")
+HEADERS = ("variant", "backend", "tokens/s median [IQR]", "vs stock", "peak MiB", "vs stock", "saved MiB",
+           "eval loss", "final loss", "max abs loss diff vs stock")
 
 
 def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / MIB:.1f}"
+    return "n/a" if n is None else f"{n / MIB:.2f}"
+
+
+def _delta_mib(v: dict, stock: dict | None, key: str) -> str:
+    if stock is None or v is stock or v.get(key) is None or stock.get(key) is None:
+        return ""
+    return f"{(v[key] - stock[key]) / MIB:+.2f}"
+
+
+def loss_agreement(v: dict) -> str:
+    diff = v.get("max_abs_loss_diff_vs_stock")
+    if diff is None:
+        return "n/a"
+    return "0 (bitwise)" if v.get("losses_bitwise_equal_stock") else f"{diff:.3g}"
+
+
+def spread_exceeds_difference(v: dict, stock: dict) -> bool:
+    """True when the tokens/s IQRs of the variant and stock overlap: the difference is within the noise."""
+    a, b = v.get("tokens_per_s_iqr") or [], stock.get("tokens_per_s_iqr") or []
+    return bool(a and b) and a[0] <= b[1] and b[0] <= a[1]
+
+
+def speed_vs_stock(v: dict, stock: dict | None) -> str:
+    if stock is None or v is stock or not v.get("tokens_per_s") or not stock.get("tokens_per_s"):
+        return ""
+    ratio = f"{v['tokens_per_s'] / stock['tokens_per_s']:.2f}x"
+    return ratio + ("*" if spread_exceeds_difference(v, stock) else "")
+
+
+def _tps(v: dict) -> str:
+    if v.get("tokens_per_s") is None:
+        return "n/a (no timed step)"
+    low, high = v["tokens_per_s_iqr"]
+    return f"{v['tokens_per_s']:,.0f} [{low:,.0f}-{high:,.0f}]"
 
 
 def _rows(results: dict) -> list[tuple[str, ...]]:
+    stock = results["variants"].get("stock")
     rows = []
     for name, v in results["variants"].items():
-        diff = v["max_rel_loss_diff_vs_stock"]
         rows.append((
-            name, f"{v['tokens_per_s']:,.0f}", f"{v['step_time_s'] * 1e3:.1f}", _mib(v["peak_memory_bytes"]),
-            _mib(v["saved_activation_bytes"]), f"{v['losses'][-1]:.4f}", "n/a" if diff is None else f"{diff:.2e}",
+            name, v["backend"], _tps(v), speed_vs_stock(v, stock), _mib(v.get("peak_memory_bytes")),
+            _delta_mib(v, stock, "peak_memory_bytes"), _mib(v.get("saved_activation_bytes")),
+            "n/a" if v.get("eval_loss") is None else f"{v['eval_loss']:.4f}", f"{v['losses'][-1]:.4f}",
+            "(reference)" if v is stock else loss_agreement(v),
         ))
     return rows
 
 
-def _header(results: dict) -> list[str]:
-    r = results
+def format_header(r: dict) -> str:
+    d = r["data"]
     extras = [opt for opt in ("lora", "gradient_checkpointing") if r[opt]]
-    return [
-        f"model: {r['model']} ({r['tokenizer']} tokens)",
-        f"device: {r['device']}; params {r['dtype']}, mixed precision {r['mixed_precision']}"
-        + (f"; {', '.join(extras)}" if extras else ""),
-        f"steps: {r['steps']} ({r['warmup_steps']} warm-up, excluded from the medians); "
-        f"{r['batch_size']} x {r['seq_len']} tokens x {r['grad_accum']} micro-batches x {r['num_processes']} process(es) per step",
-        f"peak mem: {r['peak_memory_kind']}",
-        "saved act: bytes autograd saves for backward in one micro-batch forward (storages deduplicated, params excluded)",
+    processes = f"{r['num_processes']} process" + ("es" if r["num_processes"] != 1 else "")
+    lines = [
+        f"swiglu-hf finetune: {r['task']}",
+        f"model:  {r['model']}",
+        f"data:   {d['source']}, {d['tokenizer']} tokens: {d['train_windows']} training windows, "
+        f"{d['held_out_windows']} held out ({d['eval_windows']} evaluated), {r['seq_len']} tokens each",
+        f"device: {r['device']} ({r['device_name']}); engine {r['engine']['name']}, {processes}; "
+        f"{r['dtype']} weights, mixed precision {r['mixed_precision']}" + (f"; {', '.join(extras)}" if extras else ""),
+        f"steps:  {r['steps']} per variant: {r['warmup_steps']} warm-up, {len(r['timed_steps'])} timed, the last "
+        f"measures memory (not timed); {r['batch_size']} x {r['seq_len']} tokens x {r['grad_accum']} micro-batch(es) "
+        f"x {processes} per step",
+        f"memory: {r['peak_memory_kind']}",
     ]
+    return "\n".join([*lines, *(f"notice: {n}" for n in r.get("notices", []))])
 
 
-def _skipped(results: dict) -> list[str]:
-    lines = [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
+def _notes(results: dict) -> list[str]:
+    stock = results["variants"].get("stock")
+    lines = ["saved MiB: bytes autograd saves for backward in one micro-batch forward (storages once, parameters excluded)"]
+    if stock is not None:
+        lines.append("vs stock: median tokens/s ratio; * = the tokens/s IQRs overlap, so the difference is within "
+                     "run-to-run spread")
+        for name, v in results["variants"].items():
+            if v is stock or v.get("peak_memory_bytes") is None or stock.get("peak_memory_bytes") is None:
+                continue
+            peak = (stock["peak_memory_bytes"] - v["peak_memory_bytes"]) / MIB
+            saved = (stock["saved_activation_bytes"] - v["saved_activation_bytes"]) / MIB
+            lines.append(f"{name}: peak memory {peak:.2f} MiB below stock; saved activations {saved:.2f} MiB below stock")
+    lines += [f"{name}: {v['memory_note']}" for name, v in results["variants"].items() if v.get("memory_note")]
+    lines += [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
     if results.get("pending"):  # written part-way: the run may have been stopped before these
         lines.append(f"not run yet: {', '.join(results['pending'])} (results are written after each variant)")
     return lines
 
 
-def format_table(results: dict) -> str:
-    rows = [HEADERS, *_rows(results)]
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    rows = [HEADERS, *rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADERS))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-    return "\n".join([*_header(results), "", *lines, *_skipped(results)])
+    return ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+
+
+def format_table(results: dict) -> str:
+    return "\n".join(["", *_table(_rows(results)), *_notes(results)])
 
 
 def markdown(results: dict) -> str:
     table = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     table += ["| " + " | ".join(row) + " |" for row in _rows(results)]
-    notes = [f"- {line}" for line in (*_header(results), *_skipped(results))]
-    return "\n".join(["# swiglu-hf finetune", "", *notes, "", *table, ""])
-
-
-def write_plots(results: dict, out: Path) -> list[Path]:
-    """loss_curves.png, tokens_per_s.png, memory.png; none (with a message) without matplotlib."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-    except ImportError:
-        print("matplotlib is not installed: skipping plots (pip install matplotlib)")
-        return []
-    variants = results["variants"]
-    names = list(variants)
-    paths = []
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for i, (name, v) in enumerate(variants.items()):  # distinct dashes: equal curves stay visible
-        ax.plot(range(1, len(v["losses"]) + 1), v["losses"], label=name, linestyle=("-", "--", ":", "-.")[i % 4])
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="loss (same weights, same batches)")
-    ax.legend()
-    paths.append(out / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    ax.bar(names, [variants[n]["tokens_per_s"] for n in names])
-    ax.set(ylabel="tokens/s (median after warm-up)", title=results["device"])
-    paths.append(out / "tokens_per_s.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    width = 0.4
-    xs = range(len(names))
-    for offset, key, label in ((-width / 2, "peak_memory_bytes", "peak memory"),
-                               (width / 2, "saved_activation_bytes", "saved for backward, one micro-batch")):
-        ax.bar([x + offset for x in xs], [(variants[n][key] or 0) / MIB for n in names], width, label=label)
-    ax.set_xticks(list(xs), names)
-    ax.set(ylabel="MiB", title="memory")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2)  # below the bars
-    paths.append(out / "memory.png")
-    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-    return paths
+    v = results["versions"]
+    git = results.get("git") or {}
+    ran = [
+        f"command: `{results['command']}`",
+        f"when: {results['created_utc']} (UTC); git {git.get('commit', 'n/a')}" + (" (dirty)" if git.get("dirty") else ""),
+        "versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k] is not None),
+    ]
+    header = format_header(results).splitlines()
+    notes = [f"- {line}" for line in (*header[1:], *ran, *_notes(results))]
+    return "\n".join(["# swiglu-hf finetune", "", header[0].removeprefix("swiglu-hf finetune: "), "", *notes, "",
+                      *table, ""])
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -117,6 +140,12 @@ def write_results(results: dict, out: Path) -> list[Path]:
     return [out / "results.json", out / "results.md"]
 
 
+def write_plots(results: dict, out: Path) -> list[Path]:
+    from .finetune_plots import write_plots as plots
+
+    return plots(results, Path(out))
+
+
 def write_outputs(results: dict, out: Path) -> list[Path]:
     """results.json, results.md and the plots in `out` (created if needed); returns the paths."""
-    return [*write_results(results, out), *write_plots(results, Path(out))]
+    return [*write_results(results, out), *write_plots(results, out)]

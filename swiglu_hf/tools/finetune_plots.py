@@ -1,0 +1,103 @@
+"""PNG plots of `swiglu-hf finetune` results: loss curves, tokens/s per step, memory.
+
+Built with matplotlib's object API (no pyplot: no global backend or figure state). Without
+matplotlib the plots are skipped with a message saying what to install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .finetune_report import MIB, loss_agreement, spread_exceeds_difference
+
+MARKERS = ("o", "s", "^", "D", "v")
+DASHES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1)))
+
+
+def _tokens_per_step(results: dict) -> int:
+    return results["batch_size"] * results["seq_len"] * results["grad_accum"] * results["num_processes"]
+
+
+def _loss_plot(results: dict, fig) -> None:
+    ax = fig.subplots()
+    variants = results["variants"]
+    for i, (name, v) in enumerate(variants.items()):
+        steps = range(1, len(v["losses"]) + 1)
+        # decreasing marker sizes and offset marker positions: equal curves stay distinguishable
+        ax.plot(steps, v["losses"], label=name, linestyle=DASHES[i % 5], marker=MARKERS[i % 5],
+                markersize=9 - 2 * (i % 4), markevery=(i % 3, 3), fillstyle="none" if i else "full", linewidth=1.2)
+    notes = [f"{name}: max |loss − stock| = {loss_agreement(v)}" for name, v in variants.items() if name != "stock"]
+    if notes and "stock" in variants:
+        ax.text(0.98, 0.97, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=9,
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.85))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="optimizer step", ylabel="training loss",
+           title="loss: same initial weights, same batches" + (" (LoRA)" if results["lora"] else ""))
+    ax.legend(loc="lower left")
+
+
+def _speed_plot(results: dict, fig) -> bool:
+    variants = {n: v for n, v in results["variants"].items() if v.get("tokens_per_s")}
+    if not variants:
+        return False
+    ax = fig.subplots()
+    per_step = _tokens_per_step(results)
+    timed = results["timed_steps"]
+    data = [[per_step / v["step_times_s"][i] for i in timed] for v in variants.values()]
+    # whis=(0, 100): whiskers at min and max, so every timed step is inside the drawing
+    ax.boxplot(data, tick_labels=list(variants), whis=(0, 100), medianprops=dict(color="black", linewidth=2))
+    stock = variants.get("stock")
+    noisy = []
+    for x, (name, v) in enumerate(variants.items(), 1):
+        label = f"{v['tokens_per_s']:,.0f}"
+        if stock is not None and v is not stock:
+            label += f"\n{v['tokens_per_s'] / stock['tokens_per_s']:.2f}x stock"
+            if spread_exceeds_difference(v, stock):
+                label += "*"
+                noisy.append(name)
+        ax.annotate(label, (x, v["tokens_per_s"]), xytext=(42, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set(ylabel=f"tokens/s per step ({len(timed)} timed steps)",
+           title=f"speed: {results['device_name']}, engine {results['engine']['name']}")
+    if noisy:
+        fig.text(0.01, -0.02, f"* {', '.join(noisy)}: the tokens/s IQR overlaps stock's; the difference is within "
+                 "run-to-run spread", fontsize=8, va="top")
+    return True
+
+
+def _memory_plot(results: dict, fig) -> None:
+    ax = fig.subplots()
+    variants = results["variants"]
+    names = list(variants)
+    width = 0.38
+    for offset, key, label in ((-width / 2, "peak_memory_bytes", "peak memory"),
+                               (width / 2, "saved_activation_bytes", "saved for backward (one micro-batch)")):
+        raw = [variants[n].get(key) for n in names]
+        bars = ax.bar([x + offset for x in range(len(names))], [(b or 0) / MIB for b in raw], width, label=label)
+        ref = variants.get("stock", {}).get(key)
+        labels = ["n/a" if b is None else f"{b / MIB:.1f}" + ("" if n == "stock" or ref is None else
+                  f"\n({(b - ref) / MIB:+.1f})") for n, b in zip(names, raw)]
+        ax.bar_label(bars, labels=labels, fontsize=8)
+    ax.set_xticks(list(range(len(names))), names)
+    kind = "CUDA max allocated" if results["device"].startswith("cuda") else "live tensor bytes (CPU)"
+    ax.set(ylabel="MiB", title=f"memory: peak = {kind}; (difference to stock)")
+    ax.margins(y=0.15)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2)  # below the bars
+
+
+def write_plots(results: dict, out: Path) -> list[Path]:
+    """loss_curves.png, tokens_per_s.png, memory.png in `out`; none (with a message) without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: skipping plots (pip install matplotlib)")
+        return []
+    if not results["variants"]:
+        return []
+    paths = []
+    for name, draw in (("loss_curves.png", _loss_plot), ("tokens_per_s.png", _speed_plot), ("memory.png", _memory_plot)):
+        fig = Figure(figsize=(7, 4.5))
+        if draw(results, fig) is False:
+            continue
+        paths.append(Path(out) / name)
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    return paths

@@ -1,0 +1,297 @@
+"""The training loop of `swiglu-hf finetune` (see finetune.py for what it measures and why).
+
+    results = run(FinetuneConfig(...), on_variant=callback)
+
+One Accelerator for the whole run; each variant gets a private copy of the same initial weights
+(ZeRO-3: a fresh build under zero.Init with the same seed, since partitioned weights cannot be
+copied), its own AdamW, and the same batches. Step i's time is read after synchronizing the
+device; the last step runs under the peak-memory tracker and is not timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from swiglu_hf import patched_modules
+from swiglu_hf.errors import BackendUnavailableError
+from swiglu_hf.memory import track_saved
+
+from . import finetune_data as data
+from .finetune import FinetuneConfig
+from .finetune_env import provenance
+from .finetune_memory import PeakMemory, memory_kind, reset_cuda_peak
+from .finetune_model import (
+    VariantUnavailable, _variant_model, _zero3, apply_variant, backend_used, build_model, local_tokenizer,
+    prepare_base,
+)
+from .progress import StepProgress
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+# ---- training -----------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]] if values else []
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
+def _deepspeed_fill(accelerator, cfg: FinetuneConfig) -> None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size  # we pass no dataloader to prepare()
+    zero = ds.setdefault("zero_optimization", {})
+    if any((zero.get(k) or {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param")):
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # our torch AdamW, same as the other engines
+    if cfg.save and zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float | None:
+    """Mean token loss over the held-out batches (every process runs all of them)."""
+    if not batches:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            total += model(input_ids=ids, labels=ids).loss.float().item() * len(ids)
+            count += len(ids)
+    model.train()
+    return total / count
+
+
+def save_variant(accelerator, model: nn.Module, out: Path, tokenizer) -> Path:
+    """Trained weights (a PEFT model: the adapter only) as safetensors in `out`, loadable by from_pretrained."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    state_dict = accelerator.get_state_dict(model) if sharded else None  # gathers on every process
+    unwrapped.save_pretrained(out, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save, safe_serialization=True)
+    if tokenizer is not None and accelerator.is_main_process:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+COMPILE_MEMORY_NOTE = ("CPU peak not measured for compile: under the live-tensor tracker (a TorchDispatchMode) "
+                       "torch.compile falls back to eager, so the peak would be stock's")
+
+
+def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, progress, save_to=None,
+                  tokenizer=None, track_cpu_peak: bool = True) -> dict:
+    """Train `model` on `batches`; returns per-step times and losses, eval loss, memory, saved bytes.
+
+    track_cpu_peak=False (torch.compile) runs the last step without the CPU live-tensor tracker;
+    the saved-tensor hooks work under compile, and on CUDA the allocator peak is read as usual.
+    """
+    device = accelerator.device
+    _deepspeed_fill(accelerator, cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    micro_batches = iter(batches)
+    losses, times, cpu_times, saved, memory = [], [], [], None, {}
+    for step in range(cfg.steps):
+        last = step == cfg.steps - 1
+        if step == min(cfg.warmup_steps, cfg.steps - 1):
+            reset_cuda_peak(device)
+        tracker = PeakMemory(device, model, optimizer) if last and (track_cpu_peak or device.type == "cuda") else None
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step_loss = torch.zeros((), device=device)
+        with tracker or contextlib.nullcontext():
+            for micro in range(cfg.grad_accum):
+                ids = next(micro_batches)
+                with accelerator.accumulate(model):
+                    with track_saved() if last and micro == 0 else contextlib.nullcontext({}) as hooked:
+                        loss = model(input_ids=ids, labels=ids).loss
+                    if last and micro == 0:
+                        saved = sum(hooked.values())
+                    accelerator.backward(loss)  # divides by grad_accum; steps only on the last micro-batch
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().float() / cfg.grad_accum
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        if last:
+            memory = tracker.result() if tracker else {"peak_memory_bytes": None, "memory_note": COMPILE_MEMORY_NOTE}
+        losses.append(step_loss)
+        tag = "memory step, not timed" if last else "warm-up" if step < cfg.warmup_steps else ""
+        progress.update(step_loss.item(), times[-1], tag)  # after the clock: the sync is free
+    eval_loss = evaluate(model, held_out)
+    saved_to = None if save_to is None else str(save_variant(accelerator, model, save_to, tokenizer))
+    accelerator.free_memory()  # drop accelerate's references so the next variant starts clean
+
+    timed = [times[i] for i in cfg.timed_steps]
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
+    rates = [tokens_per_step / t for t in timed]  # per-step tokens/s: the distribution the plot shows
+    return {
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "tokens_per_s_iqr": _quartiles(rates),
+        "step_time_s": statistics.median(timed) if timed else None,
+        "step_time_iqr_s": _quartiles(timed),
+        "step_times_s": times,
+        "step_cpu_times_s": cpu_times,  # this process's CPU time (all threads): steadier than wall time on a busy host
+        "losses": accelerator.reduce(torch.stack(losses), reduction="mean").tolist(),
+        "eval_loss": eval_loss,
+        **memory,
+        "saved_activation_bytes": saved,
+        "saved_to": saved_to,
+    }
+
+
+def add_loss_agreement(variants: dict) -> None:
+    """Per variant: max over steps of |loss - stock loss| (absolute and relative) and the eval difference."""
+    stock = variants.get("stock")
+    for result in variants.values():
+        if stock is None:
+            result.update(max_abs_loss_diff_vs_stock=None, max_rel_loss_diff_vs_stock=None, losses_bitwise_equal_stock=None)
+            continue
+        pairs = list(zip(result["losses"], stock["losses"]))
+        result["max_abs_loss_diff_vs_stock"] = max(abs(a - b) for a, b in pairs)
+        result["max_rel_loss_diff_vs_stock"] = max(abs(a - b) / abs(b) for a, b in pairs)
+        result["losses_bitwise_equal_stock"] = result["losses"] == stock["losses"]
+
+
+def _mixed_precision(cfg: FinetuneConfig, device_type: str) -> str | None:
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # accelerate launch: the config file decides
+        return None
+    return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(cfg: FinetuneConfig):
+    from accelerate import Accelerator
+
+    device_type = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"--device cuda: torch {torch.__version__} sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run on the CPU with --device cpu"
+        )
+    kwargs = dict(mixed_precision=_mixed_precision(cfg, device_type), gradient_accumulation_steps=cfg.grad_accum,
+                  dynamo_backend="no")  # an accelerate config's torch.compile would compile stock too
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if device_type == "cpu" and deepspeed:
+        # DeepSpeed on CPU (DS_ACCELERATOR=cpu): cpu=True would quietly run DDP instead; gloo must be named
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
+    return Accelerator(cpu=device_type == "cpu", **kwargs)
+
+
+def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, quiet: bool = False,
+        command: str | None = None) -> dict:
+    """Train every variant of cfg.variants; returns the results (on every process).
+
+    Prints a header before training and progress while it runs (main process, unless quiet).
+    on_variant(results) is called after each variant is trained or skipped, with the results
+    so far (results["pending"] lists the variants still to come). `command` is recorded as the
+    command line (default: this process's sys.argv).
+    """
+    from .finetune_report import format_header
+    from .models import check_model_spec
+
+    if cfg.model:  # refuse bad paths before anything is built
+        check_model_spec(cfg.model)
+    if cfg.data:
+        data.read_documents(cfg.data, cfg.text_field)
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    say = (lambda text: None) if quiet or not accelerator.is_main_process else (lambda text: print(text, flush=True))
+
+    base, model_name, pretrained = build_model(cfg)
+    tokenizer = local_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.model else None
+    windows_needed = cfg.steps * cfg.grad_accum * cfg.batch_size * accelerator.num_processes
+    max_tokens = None if cfg.data is None else int(windows_needed / (1 - cfg.eval_fraction) + 2) * cfg.seq_len
+    eos = base.config.eos_token_id if tokenizer is None else tokenizer.eos_token_id
+    tokens, about_data = data.load_tokens(cfg.data, tokenizer, base.config.vocab_size, eos_token_id=eos,
+                                          text_field=cfg.text_field, max_tokens=max_tokens)
+    train, held_out = data.split_windows(tokens, cfg.seq_len, cfg.eval_fraction)
+    batches = [b.to(device) for b in data.make_batches(
+        train, steps=cfg.steps, grad_accum=cfg.grad_accum, batch_size=cfg.batch_size, seed=cfg.seed,
+        num_processes=accelerator.num_processes, rank=accelerator.process_index)]
+    held_out_windows = len(held_out)
+    held_out = [b.to(device) for b in data.eval_batches(held_out, cfg.batch_size)][: cfg.eval_batches or None]
+    base = None if _zero3(accelerator) else prepare_base(base, cfg)  # ZeRO-3: each variant is rebuilt
+
+    mixed = accelerator.state.mixed_precision
+    results = {
+        **provenance(accelerator, str(mixed), "float32", command),
+        "model": model_name, "pretrained": pretrained, "task": _task(pretrained, cfg, about_data),
+        "data": {**about_data, "train_windows": len(train), "held_out_windows": held_out_windows,
+                 "eval_windows": sum(len(b) for b in held_out)},
+        "steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "memory_step": cfg.steps - 1,
+        "timed_steps": list(cfg.timed_steps), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+        "grad_accum": cfg.grad_accum, "lr": cfg.lr, "seed": cfg.seed, "backend_requested": cfg.backend,
+        "lora": cfg.lora, "gradient_checkpointing": cfg.gradient_checkpointing,
+        "peak_memory_kind": memory_kind(device), "notices": list(cfg.notices),
+        "variants": {}, "skipped": {}, "pending": list(cfg.variants),
+    }
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and results["engine"]["name"] == "DDP":
+        results["notices"].append("the accelerate config asks for FSDP, but accelerate runs it as DDP on this device")
+    if cfg.model and tokenizer is None:
+        results["notices"].append(f"{cfg.model} ships no tokenizer: training on its raw UTF-8 bytes (ids 0-255)")
+    say(format_header(results))
+    for variant in cfg.variants:
+        try:
+            model = _variant_model(variant, base, cfg, accelerator)
+        except VariantUnavailable as why:
+            say(f"skipping variant {variant!r}: {why}")
+            results["skipped"][variant] = str(why)
+        else:
+            count = len(patched_modules(model))
+            torch.manual_seed(cfg.seed)  # any randomness inside training starts from the same state
+            save_to = None if cfg.save is None else Path(cfg.save) / variant
+            with StepProgress(variant, cfg.steps, enabled=not quiet and accelerator.is_main_process,
+                              log_every=cfg.log_every) as progress:
+                result = train_variant(accelerator, model, batches, held_out, cfg, progress, save_to, tokenizer,
+                                       track_cpu_peak=variant != "compile")
+            results["variants"][variant] = {"backend": backend_used(variant, cfg.backend, device, str(mixed)),
+                                            "patched_modules": count, **result}
+            del model
+        results["pending"].remove(variant)
+        add_loss_agreement(results["variants"])
+        if on_variant is not None:
+            on_variant(results)
+    return results
+
+
+def _task(pretrained: bool, cfg: FinetuneConfig, about_data: dict) -> str:
+    """One honest line: what is trained, from what, on what."""
+    on = "the shipped corpus" if cfg.data is None else about_data["source"]
+    lora = " (LoRA adapters)" if cfg.lora else ""
+    if pretrained:
+        return f"fine-tuning pretrained weights of {cfg.model} on {on}{lora}"
+    model = cfg.model or (f"a {cfg.preset}-shaped model" if cfg.preset else "a tiny Llama")
+    return f"training {model} from random init on {on}{lora}"
+
+
+__all__ = ["run", "train_variant", "evaluate", "save_variant", "apply_variant", "build_model", "prepare_base",
+           "VariantUnavailable"]
