@@ -7,12 +7,17 @@
 # benchmarks stop cleanly and print what they have; SIGKILL 10 s later), all under one deadline
 # (GPU_CHECK_BUDGET_S, default 450 s, of which the last 15 s are kept for the kill grace and the
 # summary). A step gets min(its cap, time left); the fine-tuning comparison, the project's main
-# job, runs last and gets all the time that is left (~145 s if every step used its whole cap,
-# ~180 s or more in practice):
+# job, runs last and gets all the time that is left (~85 s if every step used its whole cap;
+# more in practice, as the steps after the warm-up no longer compile kernels):
 #   step      cap s  what                                                   -> OUTDIR/...
 #   install      30  wheels in ./.whl (e.g. liger-kernel), then this project: editable, no deps,
 #                    no build isolation, no index (nothing is downloaded)
 #   env          10  nvidia-smi, versions, git commit / tree fingerprint    -> env.txt
+#   warmup       60  compile every Triton specialization the later steps launch (dtype x
+#                    activation x split/packed x fwd/bwd/bwd-with-h x the shape classes the JIT
+#                    specializes on), 12 processes in parallel, into Triton's on-disk cache, so
+#                    a cold cache cannot push the timed steps past their caps (exit status and
+#                    seconds in summary.md; its log's tail there if it fails)
 #   tests       100  TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py     -> gpu_tests.log
 #   kernel       80  swiglu-hf bench kernel, I = 8192/14336/28672 x T = 4k/64k
 #                                                                           -> kernel.json, kernel.md
@@ -201,6 +206,99 @@ PYEOF
 export -f env_report
 : >"$OUT/env.txt"
 step env 10 "$OUT/env.txt" bash -c env_report
+
+# ---- warm-up: compile every kernel specialization the steps below launch ---------------------
+# Triton compiles a kernel per specialization on its first launch (a second or more each, ~130 of
+# them for the GPU tests alone) and keeps it in its on-disk cache (TRITON_CACHE_DIR, default
+# ~/.triton/cache), keyed by: dtype, the constexprs (activation, STORE_H, BLOCK_M x BLOCK_N, which
+# follow from the row width N), and per argument whether an integer is 1 or a multiple of 16 and
+# whether a pointer is 16-byte aligned (the up half of a packed tensor with odd N is not). Real
+# launches on small tensors of each class fill the same cache entries as the big ones, in parallel
+# processes; the later steps then load cubins instead of compiling. Cases (keep in sync with
+# tests/test_gpu.py and the bench/finetune commands below):
+#   tests (a)/(c)  N=781 (odd), M not %16: every activation, bf16/fp16/fp32, split + packed
+#   tests (a)      N=1024, M %16: silu, gelu_tanh, bf16/fp16, split + packed
+#   tests (d), kernel/mlp benches, finetune: N >= 2048 (one block shape), M %16 and not: bf16 silu
+#   tests (e)/(f)  the tiny models' I, M %16 and not (prompt, decode): bf16, llama/gemma/phi3
+cat >"$SCRATCH/warmup.py" <<'PYEOF'
+import os, subprocess, sys, time
+
+sys.path.insert(0, os.getcwd())  # the checkout (gpu_check.sh runs from its root), as for the steps
+DEVICE = os.environ.get("WARMUP_DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1: a dry run
+ACTS = ("silu", "gelu", "gelu_tanh", "sigmoid", "relu")
+
+
+def cases():
+    """(dtype, activation, packed, M, N): one per JIT specialization class used later."""
+    try:
+        from swiglu_hf.tools.models import _COMMON
+        tiny_i = _COMMON["intermediate_size"]
+    except (ImportError, KeyError):
+        tiny_i = 96
+    out = [(d, a, p, 17, 781) for d in ("bfloat16", "float16", "float32") for a in ACTS for p in (False, True)]
+    out += [(d, a, p, 16, 1024) for d in ("bfloat16", "float16") for a in ("silu", "gelu_tanh") for p in (False, True)]
+    out += [("bfloat16", "silu", p, m, 2048) for p in (False, True) for m in (16, 17)]
+    out += [("bfloat16", a, p, m, tiny_i) for a, p in (("silu", False), ("gelu_tanh", False), ("silu", True))
+            for m in (16, 17)]
+    return out
+
+
+def warm(case):
+    import torch
+    from swiglu_hf import ops
+
+    dtype, act, packed, m, n = case
+    dt = getattr(torch, dtype)
+    dh = torch.randn(m, n, device=DEVICE, dtype=dt)
+    if packed:
+        x = torch.randn(m, 2 * n, device=DEVICE, dtype=dt)
+        ops.glu_packed_fwd(x, act, "triton")
+        ops.glu_packed_bwd(dh, x, act, "triton")
+        ops.glu_packed_bwd_with_h(dh, x, act, "triton")
+    else:
+        g, u = (torch.randn(m, n, device=DEVICE, dtype=dt) for _ in range(2))
+        ops.glu_fwd(g, u, act, "triton")
+        ops.glu_bwd(dh, g, u, act, "triton")
+        ops.glu_bwd_with_h(dh, g, u, act, "triton")
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(shard, of):
+    failed = 0
+    for i, case in enumerate(cases()):
+        if i % of != shard:
+            continue
+        t0 = time.perf_counter()
+        try:
+            warm(case)
+            print(f"[{shard}] {case}: {time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as e:  # report and go on: the step fails, the other cases still warm
+            failed += 1
+            print(f"[{shard}] {case}: FAILED {type(e).__name__}: {e}", flush=True)
+    return 1 if failed else 0
+
+
+def main(jobs):
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--shard", str(i), str(jobs)]) for i in range(jobs)]
+    try:
+        rcs = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # the step's timeout: stop the workers, keep what they compiled
+        for p in procs:
+            p.terminate()
+        raise
+    print(f"warm-up: {len(cases())} cases x 3 kernels (fwd, bwd, bwd with h) in {jobs} processes, "
+          f"{time.perf_counter() - t0:.0f} s, worker exit codes {rcs}", flush=True)
+    return 1 if any(rcs) else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--shard"]:
+        sys.exit(worker(int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 8))
+PYEOF
+step warmup 60 "$SCRATCH/warmup.log" "$PY" "$SCRATCH/warmup.py" 12
 
 # ---- GPU tests -----------------------------------------------------------------------------
 step tests 100 "$OUT/gpu_tests.log" "$PY" -m pytest -m gpu tests/test_gpu.py \

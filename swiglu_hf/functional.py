@@ -51,7 +51,7 @@ def swiglu(
             raise InvalidInputError(
                 f"packed input has odd last dimension {gate.shape[-1]}; it must be 2*I (gate half, then up half)"
             )
-        return ops.glu_packed_fwd(gate, activation, resolve(backend, gate.device, gate.dtype))
+        return ops.glu((gate,), activation, resolve(backend, gate.device, gate.dtype))
 
     _check_tensor("up", up, kernels_only)
     if gate.dtype != up.dtype:
@@ -63,4 +63,4 @@ def swiglu(
             f"gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}; they must match "
             "(pass up=None if gate is the packed (.., 2I) tensor)"
         )
-    return ops.glu_fwd(gate, up, activation, resolve(backend, gate.device, gate.dtype))
+    return ops.glu((gate, up), activation, resolve(backend, gate.device, gate.dtype))

@@ -58,26 +58,9 @@ def auto_tile_tokens(intermediate: int | None, itemsize: int) -> int:
     return max(TILE_MULTIPLE, n // TILE_MULTIPLE * TILE_MULTIPLE)
 
 
-def glu(parts, activation: str, backend: str):
-    """act(gate) * up of (gate, up) or of (gate_up,)."""
-    if len(parts) == 2:
-        return ops.glu_fwd(*parts, activation, backend)
-    return ops.glu_packed_fwd(parts[0], activation, backend)
-
-
-def _glu_recompute(parts, activation: str, backend: str):
-    if len(parts) == 2:
-        return ops.glu_fwd_recompute(*parts, activation, backend)
-    return ops.glu_packed_fwd_recompute(parts[0], activation, backend)
-
-
-def _glu_grads_and_h(dh, parts, activation: str, backend: str):
-    """(h, grads of parts) in one pass over gate and up."""
-    if len(parts) == 2:
-        h, dgate, dup = ops.glu_bwd_with_h(dh, *parts, activation, backend)
-        return h, (dgate, dup)
-    h, dgate_up = ops.glu_packed_bwd_with_h(dh, parts[0], activation, backend)
-    return h, (dgate_up,)
+glu = ops.glu  # act(gate) * up of (gate, up) or of (gate_up,); see ops.py for the eager fast path
+_glu_recompute = ops.glu_recompute
+_glu_grads_and_h = ops.glu_grads_and_h
 
 
 def plain_linear(m: nn.Module) -> bool:
@@ -400,7 +383,7 @@ def _dense(module, x, projections, down_proj, activation, backend, tile_tokens, 
         h = glu(tuple(p(x) for p in projections), activation, backend)
         return down_proj(h if post is None else post(h))
 
-    random = draws_random(module)
+    random = tile_tokens is not None and draws_random(module)
     if tile_tokens is not None and (torch.is_grad_enabled() or random):
         width = _out_width(projections[0])
         if len(projections) == 1 and width is not None:

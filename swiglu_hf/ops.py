@@ -94,8 +94,7 @@ def _triton_bwd(dh, gate, up, dgate, dup, activation: str, h=None) -> None:
 
 # ---- split form -------------------------------------------------------------------------
 
-@torch.library.custom_op("swiglu_hf::glu_fwd", mutates_args=())
-def glu_fwd(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
+def _glu_fwd_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
     return _fwd_impl(gate, up, activation, backend)
 
 
@@ -103,11 +102,12 @@ def _glu_fake(gate, up, activation, backend):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
+glu_fwd = torch.library.custom_op("swiglu_hf::glu_fwd", mutates_args=())(_glu_fwd_impl)
+
 glu_fwd.register_fake(_glu_fake)
 
 
-@torch.library.custom_op("swiglu_hf::glu_bwd", mutates_args=())
-def glu_bwd(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
+def _glu_bwd_impl(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
     if backend != "triton":
         return _torch_bwd(dh, gate, up, activation)
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -115,6 +115,8 @@ def glu_bwd(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str)
     _triton_bwd(dh, gate, up, dgate, dup, activation)
     return dgate, dup
 
+
+glu_bwd = torch.library.custom_op("swiglu_hf::glu_bwd", mutates_args=())(_glu_bwd_impl)
 
 @glu_bwd.register_fake
 def _(dh, gate, up, activation, backend):
@@ -138,8 +140,7 @@ glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup)
 
 # ---- packed form ------------------------------------------------------------------------
 
-@torch.library.custom_op("swiglu_hf::glu_packed_fwd", mutates_args=())
-def glu_packed_fwd(x: Tensor, activation: str, backend: str) -> Tensor:
+def _glu_packed_fwd_impl(x: Tensor, activation: str, backend: str) -> Tensor:
     return _fwd_impl(*_halves(x, activation), activation, backend)
 
 
@@ -147,11 +148,12 @@ def _glu_packed_fake(x, activation, backend):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
+glu_packed_fwd = torch.library.custom_op("swiglu_hf::glu_packed_fwd", mutates_args=())(_glu_packed_fwd_impl)
+
 glu_packed_fwd.register_fake(_glu_packed_fake)
 
 
-@torch.library.custom_op("swiglu_hf::glu_packed_bwd", mutates_args=())
-def glu_packed_bwd(dh: Tensor, x: Tensor, activation: str, backend: str) -> Tensor:
+def _glu_packed_bwd_impl(dh: Tensor, x: Tensor, activation: str, backend: str) -> Tensor:
     if not _plain(activation):
         spec = gate_spec.parse(activation)
         return gate_spec.interleave(*gate_spec.backward(spec, dh, *_halves(x, activation)), spec)
@@ -163,6 +165,8 @@ def glu_packed_bwd(dh: Tensor, x: Tensor, activation: str, backend: str) -> Tens
     _triton_bwd(dh, gate, up, dgate, dup, activation)
     return dx
 
+
+glu_packed_bwd = torch.library.custom_op("swiglu_hf::glu_packed_bwd", mutates_args=())(_glu_packed_bwd_impl)
 
 @glu_packed_bwd.register_fake
 def _(dh, x, activation, backend):
@@ -189,26 +193,29 @@ glu_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
 # or of gate_proj's F.linear would become the forward's value again and the partitioner would
 # save it, undoing the memory saving. Distinct, opaque ops keep the recompute in the backward.
 
-@torch.library.custom_op("swiglu_hf::glu_fwd_recompute", mutates_args=())
-def glu_fwd_recompute(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
+def _glu_fwd_recompute_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
     return _fwd_impl(gate, up, activation, backend)
 
+
+glu_fwd_recompute = torch.library.custom_op("swiglu_hf::glu_fwd_recompute", mutates_args=())(_glu_fwd_recompute_impl)
 
 glu_fwd_recompute.register_fake(_glu_fake)
 
 
-@torch.library.custom_op("swiglu_hf::glu_packed_fwd_recompute", mutates_args=())
-def glu_packed_fwd_recompute(x: Tensor, activation: str, backend: str) -> Tensor:
+def _glu_packed_fwd_recompute_impl(x: Tensor, activation: str, backend: str) -> Tensor:
     return _fwd_impl(*_halves(x, activation), activation, backend)
 
+
+glu_packed_fwd_recompute = torch.library.custom_op("swiglu_hf::glu_packed_fwd_recompute", mutates_args=())(_glu_packed_fwd_recompute_impl)
 
 glu_packed_fwd_recompute.register_fake(_glu_packed_fake)
 
 
-@torch.library.custom_op("swiglu_hf::linear_recompute", mutates_args=())
-def linear_recompute(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _linear_recompute_impl(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
+
+linear_recompute = torch.library.custom_op("swiglu_hf::linear_recompute", mutates_args=())(_linear_recompute_impl)
 
 @linear_recompute.register_fake
 def _(x, weight, bias):
@@ -219,8 +226,7 @@ def _(x, weight, bias):
 # up once, where a separate recompute forward and backward would read them twice. For the
 # default memory mode, whose backward needs h only for down_proj's weight gradient.
 
-@torch.library.custom_op("swiglu_hf::glu_bwd_with_h", mutates_args=())
-def glu_bwd_with_h(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _glu_bwd_with_h_impl(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if backend != "triton":
         return _torch_bwd(dh, gate, up, activation, with_h=True)
     h, dgate, dup = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(3))
@@ -228,13 +234,14 @@ def glu_bwd_with_h(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backen
     return h, dgate, dup
 
 
+glu_bwd_with_h = torch.library.custom_op("swiglu_hf::glu_bwd_with_h", mutates_args=())(_glu_bwd_with_h_impl)
+
 @glu_bwd_with_h.register_fake
 def _(dh, gate, up, activation, backend):
     return tuple(torch.empty_like(gate, memory_format=torch.contiguous_format) for _ in range(3))
 
 
-@torch.library.custom_op("swiglu_hf::glu_packed_bwd_with_h", mutates_args=())
-def glu_packed_bwd_with_h(dh: Tensor, x: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
+def _glu_packed_bwd_with_h_impl(dh: Tensor, x: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
     if not _plain(activation):
         spec = gate_spec.parse(activation)
         h, d_gate, d_up = gate_spec.backward(spec, dh, *_halves(x, activation), with_h=True)
@@ -249,6 +256,78 @@ def glu_packed_bwd_with_h(dh: Tensor, x: Tensor, activation: str, backend: str) 
     return h, dx
 
 
+glu_packed_bwd_with_h = torch.library.custom_op("swiglu_hf::glu_packed_bwd_with_h", mutates_args=())(_glu_packed_bwd_with_h_impl)
+
 @glu_packed_bwd_with_h.register_fake
 def _(dh, x, activation, backend):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2)), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---- eager fast path --------------------------------------------------------------------
+# A torch.library custom op costs tens of microseconds of host time per call (schema parsing,
+# dispatch, autograd registration), measured on CPU at 50-250 us for one tiny MLP call
+# (docs/BENCHMARKS.md, "Host overhead"). The op is what torch.compile, FakeTensor modes and functorch
+# need; plain eager execution does not. So when nothing traces or intercepts (no compile, no
+# dispatch mode, no functorch transform, plain tensors), the same bodies run directly under a small
+# autograd.Function; otherwise the custom ops run. Both give identical results.
+
+def eager_ok(*tensors: Tensor) -> bool:
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and all(type(t) is Tensor for t in tensors)
+    )
+
+
+class _EagerGlu(torch.autograd.Function):
+    """h = gate(parts) with the custom ops' bodies: saves the parts, recomputes in backward."""
+
+    @staticmethod
+    def forward(ctx, activation, backend, *parts):
+        ctx.save_for_backward(*parts)
+        ctx.activation, ctx.backend = activation, backend
+        if len(parts) == 2:
+            return _glu_fwd_impl(*parts, activation, backend)
+        return _glu_packed_fwd_impl(parts[0], activation, backend)
+
+    @staticmethod
+    def backward(ctx, dh):
+        parts = ctx.saved_tensors
+        if len(parts) == 2:
+            return (None, None, *_glu_bwd_impl(dh, *parts, ctx.activation, ctx.backend))
+        return None, None, _glu_packed_bwd_impl(dh, parts[0], ctx.activation, ctx.backend)
+
+
+def glu(parts, activation: str, backend: str) -> Tensor:
+    """act(gate) * up of (gate, up) or of (gate_up,) (backend already resolved)."""
+    if eager_ok(*parts):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+            return _EagerGlu.apply(activation, backend, *parts)
+        if len(parts) == 2:
+            return _glu_fwd_impl(*parts, activation, backend)
+        return _glu_packed_fwd_impl(parts[0], activation, backend)
+    if len(parts) == 2:
+        return glu_fwd(*parts, activation, backend)
+    return glu_packed_fwd(parts[0], activation, backend)
+
+
+def glu_recompute(parts, activation: str, backend: str) -> Tensor:
+    """glu in a backward (no grad): the recompute twins under tracing, the bodies otherwise."""
+    if len(parts) == 2:
+        fn = _glu_fwd_recompute_impl if eager_ok(*parts) else glu_fwd_recompute
+        return fn(*parts, activation, backend)
+    fn = _glu_packed_fwd_recompute_impl if eager_ok(*parts) else glu_packed_fwd_recompute
+    return fn(parts[0], activation, backend)
+
+
+def glu_grads_and_h(dh: Tensor, parts, activation: str, backend: str):
+    """(h, grads of parts) in one pass over gate and up."""
+    eager = eager_ok(dh, *parts)
+    if len(parts) == 2:
+        fn = _glu_bwd_with_h_impl if eager else glu_bwd_with_h
+        h, dgate, dup = fn(dh, *parts, activation, backend)
+        return h, (dgate, dup)
+    fn = _glu_packed_bwd_with_h_impl if eager else glu_packed_bwd_with_h
+    h, dgate_up = fn(dh, parts[0], activation, backend)
+    return h, (dgate_up,)

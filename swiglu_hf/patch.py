@@ -22,6 +22,7 @@ from .errors import (
     InvalidInputError, NoGatedMLPError, NotPicklableError, PatchRefusedWarning, SelfCheckError, SwigluError,
     UnsupportedActivationError, UnsupportedModuleError,
 )
+from .integrations.deepspeed import is_partitioned
 from .options import PatchOptions, patch_everything
 from .probe import run_probe
 from .recipes import Recipe, load_recipes, match_recipe
@@ -181,6 +182,13 @@ def apply_swiglu_patch(
         raise InvalidInputError(f"apply_swiglu_patch expects a torch.nn.Module, got {type(model).__name__}")
     if backend == "triton":
         ensure_triton(_model_device(model))
+    if tile_tokens is not None and is_partitioned(model):
+        # tiles re-run projections inside backward and return their weight gradients, which ZeRO-3's
+        # partitioned parameters (size 0 outside their module's hooks) cannot take
+        raise InvalidInputError(
+            "tile_tokens is not supported under DeepSpeed ZeRO-3 (partitioned parameters) yet; use the "
+            "default mode (tile_tokens=None), which saves H + 2I per token and works under ZeRO-3"
+        )
     keep = filter_fn or patch_everything
 
     plans, already, refused, filtered = [], [], {}, []

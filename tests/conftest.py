@@ -40,3 +40,14 @@ def assert_like_stock(got, want, backend: str, what: str = "", noise: float | No
 
 FP32_NOISE = 1e-5  # about 80 fp32 eps, after a few layers
 TRAINED_NOISE = 1e-4  # Adam normalises each update: an ulp-level gradient difference moves weights more
+
+
+if os.environ.get("SWIGLU_HF_BREAK_TRITON") == "1":
+    # Measurement aid (scripts/break_triton.sh): every Triton launch raises, to show which test files
+    # actually exercise the kernels. Never set in CI.
+    def _broken(*args, **kwargs):
+        raise RuntimeError("SWIGLU_HF_BREAK_TRITON: Triton launch")
+
+    import swiglu_hf.kernels as _kernels  # noqa: E402
+
+    _kernels.glu_fwd = _kernels.glu_bwd = _broken

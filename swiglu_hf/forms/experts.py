@@ -289,7 +289,7 @@ def _bmm(module, state, hidden_states, backend):
     hidden = gate_up_w.shape[1]
     x = hidden_states.view(gate_up_w.shape[0], -1, hidden)  # (E, n, H)
     gate_up = torch.bmm(x, gate_up_w)  # (E, n, 2I)
-    h = ops.glu_packed_fwd(gate_up, state.activation, backend)  # (E, n, I)
+    h = glu((gate_up,), state.activation, backend)  # (E, n, I)
     return torch.bmm(h, down_w).view(-1, hidden)
 
 
@@ -310,6 +310,10 @@ def _bind(module, args, kwargs) -> list:
     return values
 
 
+def _packed_gate(gate_up, activation, backend):
+    return glu((gate_up,), activation, backend)
+
+
 def experts_forward(module, state, /, *args, impl: str | None = None, **kwargs):
     """The fused forward bound on an experts module; `impl` overrides the dispatch (probe only)."""
     values = _bind(module, args, kwargs)
@@ -323,7 +327,7 @@ def experts_forward(module, state, /, *args, impl: str | None = None, **kwargs):
         return _eager(module, state, hidden_states, top_k_index, top_k_weights, backend)
     if impl in GATED_IMPLEMENTATIONS:
         fn = _moe().ALL_EXPERTS_FUNCTIONS[impl]
-        gate = functools.partial(ops.glu_packed_fwd, activation=state.activation, backend=backend)
+        gate = functools.partial(_packed_gate, activation=state.activation, backend=backend)
         return fn(_FusedGate(module, gate), hidden_states, top_k_index, top_k_weights)
     raise UnsupportedModuleError(
         f"{type(module).__name__}: experts_implementation={impl!r} is not supported by the fused forward "
