@@ -33,11 +33,40 @@ from triton.language.extra import libdevice
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "sigmoid": 3, "relu": 4}
 
-_SQRT1_2 = 0.7071067811865476  # M_SQRT1_2
-_GELU_ERF_PDF = 0.3989422804014327  # M_2_SQRTPI * M_SQRT1_2 * 0.5 = 1/sqrt(2 pi)
-_GELU_TANH_BETA = 0.7978845608028654  # M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2/pi)
-_GELU_TANH_KAPPA = 0.044715
-_GELU_TANH_3KAPPA = 0.13414499163627625  # eager's opmath_t(3) * kKappa, rounded in fp32 (not 3 * 0.044715 in double)
+# Compile options of every launch (the interpreter ignores them); tools/compile_check.py compiles
+# with exactly these, so its table and Triton cache entries are the launchers' own.
+#
+# enable_fp_fusion=True, explicitly. Fusion lets LLVM/ptxas contract a*b + c into one FMA (one
+# rounding instead of two), i.e. it can change bits. The eager reference is PyTorch's CUDA kernels,
+# built by nvcc with its default --fmad=true, which contracts too; the contractions the stock
+# results depend on are written as tl.fma in the kernels below, so they do not hang on this flag.
+# Compared in SASS (Triton 3.9, ptxas 12.9 for sm_80 and 13.4 for sm_90/sm_100, all three dtypes),
+# the flag changes exactly one thing: in silu and sigmoid, libdevice expf's last step (p * 2**k, a
+# multiply by a power of two, exact unless the result is subnormal) is fused with the `1.0 +` that
+# follows, one FFMA per element; 1 + exp(-x) is the same float either way (a subnormal exp(-x) is
+# far below half an ulp of 1, and overflow gives inf both ways). gelu, gelu_tanh and relu compile
+# to identical SASS with and without it. Pinned because Triton 3.9 warns when it is unset and
+# 3.10 flips the default to False.
+#
+# enable_reflect_ftz=False: keep denormals. Triton's default (True) answers libdevice's
+# __nvvm_reflect("__CUDA_FTZ") with 1, which selects the flush-to-zero variants (fma.rn.ftz,
+# abs.ftz, cvt.ftz ...) inside expf/erff/tanhf; nvcc without -ftz=true/--use_fast_math (how PyTorch
+# is built) answers 0. With False the only .ftz left in the PTX are ex2.approx.ftz / rcp.approx.ftz
+# that libdevice's non-FTZ code itself uses on range-reduced arguments, as in eager. Triton's own
+# arithmetic (mul/add/fma/div.rn, conversions) never flushes. Same instruction count; CUDA only
+# (the ROCm backend has no such option and would reject the keyword).
+LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": True}
+if torch.version.hip is None:
+    LAUNCH_OPTIONS["enable_reflect_ftz"] = False
+
+# Globals read inside @triton.jit must be tl.constexpr: the GPU compiler rejects plain Python
+# floats (NameError "Cannot access global variable"); the CPU interpreter accepts either. Each
+# Python float is rounded to fp32 where it meets an fp32 operand, exactly as a literal would be.
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # M_SQRT1_2
+_GELU_ERF_PDF = tl.constexpr(0.3989422804014327)  # M_2_SQRTPI * M_SQRT1_2 * 0.5 = 1/sqrt(2 pi)
+_GELU_TANH_BETA = tl.constexpr(0.7978845608028654)  # M_SQRT2 * M_2_SQRTPI * 0.5 = sqrt(2/pi)
+_GELU_TANH_KAPPA = tl.constexpr(0.044715)
+_GELU_TANH_3KAPPA = tl.constexpr(0.13414499163627625)  # eager's opmath_t(3) * kKappa, rounded in fp32 (not 3 * 0.044715 in double)
 
 
 @triton.jit
@@ -176,7 +205,7 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, activation:
     _glu_fwd_kernel[grid](
         gate, up, out, M, N, gate.stride(0), up.stride(0), out.stride(0),
         ACT=ACT_IDS[activation], ACCURATE=not INTERPRET, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4,
+        **LAUNCH_OPTIONS,
     )
 
 
@@ -196,5 +225,5 @@ def glu_bwd(dh, gate, up, dgate, dup, activation: str, h=None) -> None:
         dh.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
         0 if h is None else h.stride(0),
         ACT=ACT_IDS[activation], ACCURATE=not INTERPRET, STORE_H=h is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, **LAUNCH_OPTIONS,
     )
