@@ -17,11 +17,11 @@ import sys
 from .errors import BackendUnavailableError, SwigluError
 
 # Modules that define add_parser(subparsers); each sets `func(args) -> exit code`.
-COMMANDS = ("verification", "tools.bench", "tools.finetune", "tools.sweep", "tools.compile_check")
+COMMANDS = ("tools.verify_cli", "tools.bench", "tools.finetune", "tools.sweep", "tools.compile_check")
 
 # subcommand -> (module in COMMANDS, one-line help): lets `--help` list them without importing any.
 SUBCOMMANDS = {
-    "verify": ("verification", "compare a patched model with the stock one against a float64 reference"),
+    "verify": ("tools.verify_cli", "compare a patched model with the stock one against a float64 reference"),
     "bench": ("tools.bench", "benchmarks (kernel bandwidth, activation memory, MLP layer time/peak memory)"),
     "finetune": ("tools.finetune", "accelerate fine-tuning: stock vs patched (vs peers) speed, memory, loss"),
     "sweep": ("tools.sweep", "patch and verify a tiny model of every causal-LM type, write a support table"),

@@ -27,7 +27,6 @@ from .patch import apply_swiglu_patch, patched_modules, revert_swiglu_patch
 FACTOR = 2.0
 FLOOR_ULPS = 4.0
 TRITON_ULPS = 2
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -160,26 +159,3 @@ def verify(
     same = (new == patched_tokens[:, prompt.shape[1]:]).sum().item()
     report.tokens = f"{same}/{new.numel()} equal"
     return report
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("verify", help="compare a patched model with the stock one against a float64 reference")
-    p.add_argument("model", nargs="?", default="tiny-llama",
-                   help="built-in tiny model name, local HF directory (safetensors) or .gguf file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    report = verify(
-        args.model, dtype=DTYPES[args.dtype], backend=args.backend, device=device,
-        seed=args.seed, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code,
-    )
-    print(report.table())
-    return 0 if report.ok else 1

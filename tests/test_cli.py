@@ -47,7 +47,7 @@ def test_importing_the_package_and_the_cli_imports_nothing_heavy():
 
 
 def test_commands_table_matches_the_modules():
-    assert set(cli.COMMANDS) >= {"verification", "tools.bench", "tools.finetune", "tools.sweep", "tools.compile_check"}
+    assert set(cli.COMMANDS) >= {"tools.verify_cli", "tools.bench", "tools.finetune", "tools.sweep", "tools.compile_check"}
     assert {module for module, _ in cli.SUBCOMMANDS.values()} == set(cli.COMMANDS)
     for name, (module, _) in cli.SUBCOMMANDS.items():  # each module registers the name the table lists
         sub = argparse.ArgumentParser().add_subparsers()
