@@ -39,7 +39,9 @@ def assert_like_stock(got, want, backend: str, what: str = "", noise: float | No
 
 
 FP32_NOISE = 1e-5  # about 80 fp32 eps, after a few layers
-TRAINED_NOISE = 1e-4  # Adam normalises each update: an ulp-level gradient difference moves weights more
+# Adam normalises each update: where a gradient is near zero, an ulp-level difference in it can move
+# the weight by up to lr per step, so trained weights get a wider (still far from O(1)) bound
+TRAINED_NOISE = 1e-3
 
 
 if os.environ.get("SWIGLU_HF_BREAK_TRITON") == "1":
