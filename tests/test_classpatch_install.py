@@ -118,3 +118,25 @@ def test_nested_model_is_patched_once_and_the_outer_report_covers_it():
         outer = Wrapper(_llama_config())
     assert swiglu_hf.patched_modules(outer) == ["inner.model.layers.0.mlp"]
     assert list(swiglu_hf.patch_report(outer).patched) == ["inner.model.layers.0.mlp"]
+
+
+def test_model_built_inside_patching_trains_like_stock(patch_backend):
+    """Class mode with backend="auto": the model it patches runs the PyTorch path or the kernels
+    (interpreter) and matches a stock copy of the same weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import swiglu_hf
+    from tests.conftest import assert_like_stock
+
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(_llama_config())
+    with swiglu_hf.patching():
+        torch.manual_seed(0)
+        patched = LlamaForCausalLM(_llama_config())
+    assert len(swiglu_hf.patched_modules(patched)) == 1
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    for model in (stock, patched):
+        model(input_ids=ids, labels=ids).loss.backward()
+    for (n, a), b in zip(stock.named_parameters(), patched.parameters()):
+        assert_like_stock(b.grad, a.grad, patch_backend, n)
