@@ -197,3 +197,16 @@ def test_auto_with_triton_forced_keeps_such_gates_on_the_pytorch_path(monkeypatc
     stock = tiny("gpt_oss", "eager", swiglu_limit=0.05)
     patched = apply_swiglu_patch(copy.deepcopy(stock))
     _assert_verified(stock, patched)
+
+
+def test_identity_multipliers_leave_a_plain_gate_for_the_kernels(patch_backend):
+    """Falcon-H1 with multipliers [1, 1] is a plain SwiGLU: the spec is plain and, with
+    SWIGLU_HF_BACKEND=triton, the kernels run it (interpreter), matching stock."""
+    from tests.conftest import assert_like_stock
+
+    stock = tiny("falcon_h1", mlp_multipliers=[1.0, 1.0])
+    patched = apply_swiglu_patch(copy.deepcopy(stock))
+    assert parse(patched.model.layers[0].feed_forward._swiglu_hf.activation) == GateSpec("silu")
+    ids = _ids(shape=(1, 6))
+    with torch.no_grad():
+        assert_like_stock(patched(ids).logits, stock(ids).logits, patch_backend, "logits")
