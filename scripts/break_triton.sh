@@ -8,8 +8,14 @@ export TRITON_INTERPRET=1 SWIGLU_HF_BREAK_TRITON=1
 uses=0 failed=0
 for f in tests/test_*.py; do
     grep -q "swiglu_hf" "$f" || continue
+    "$PY" -m pytest -q -x -p no:cacheprovider -m "not gpu" "$f" >/dev/null 2>&1
+    status=$?
+    if [ "$status" -eq 5 ]; then  # GPU-only file: nothing runs here
+        echo "no CPU tests  $f"
+        continue
+    fi
     uses=$((uses + 1))
-    if "$PY" -m pytest -q -x -p no:cacheprovider -m "not gpu" "$f" >/dev/null 2>&1; then
+    if [ "$status" -eq 0 ]; then
         echo "passes   $f"
     else
         failed=$((failed + 1))
