@@ -1,24 +1,33 @@
 """`sweep`: build a tiny random model of every causal-LM type transformers knows, patch it, verify it.
 
 For each model type in the installed transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (plus a few
-multimodal ones through their image-text-to-text class): start from the config class defaults,
-shrink them (hidden 64, 2 layers, 4 heads, 4 experts, vocab 128, small intermediate sizes; the
-same for nested text/vision configs), build the model in fp32, patch a copy with
-apply_swiglu_patch(strict=False, backend="torch") and compare logits, loss and every parameter
-gradient with a float64 copy using swiglu_hf.verification's rule (patched error <= 2x stock error
-+ 4 eps). Every gated unit found structurally must be either patched or refused with a reason.
-Writes docs/SUPPORTED_MODELS.md. Failures to build are recorded with their reason, never hidden.
+multimodal ones through their image-text-to-text class): build its config class with small sizes
+(`sweep_configs`: hidden 64, 2 layers, 4 heads, 4 experts, vocab 128; nested configs too, per-layer
+overrides and the constraints of each config class kept), build the model in fp32, patch a copy with
+apply_swiglu_patch(strict=False) and compare logits, loss and every parameter gradient with a float64
+copy using swiglu_hf.verification's rule (patched error <= 2x stock error + 4 eps). Every gated unit
+found structurally must be either patched or refused with a reason, and a module whose forward
+computes act(..) * .. that no recipe recognised is reported. Three passes:
+
+- "defaults": the config's own values, fp32, on `backend`;
+- "bf16": the same model in bfloat16 on the PyTorch path, patched logits, loss and gradients
+  `torch.equal` to stock's (the PyTorch path runs stock's own ops, docs/ARCHITECTURE.md);
+- "non-identity": fields that scale or clamp (multipliers, limits, alphas, ...) set to non-identity
+  values that bind on tiny activations, so an identity default cannot hide math the patch drops:
+  such a type shows up refused (with the probe's reason) or as a mismatch (a failure).
+
+Writes docs/SUPPORTED_MODELS.md (with --out). Failures to build are recorded with their reason.
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
+import inspect
+import re
 import signal
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,51 +37,16 @@ from ..errors import NoGatedMLPError
 from ..forms import use_eager_experts
 from ..patch import apply_swiglu_patch, patch_report
 from ..recipes import match_recipe
-
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB, EXPERTS = 64, 4, 2, 16, 2, 128, 4
-INTERMEDIATE, MOE_INTERMEDIATE = 96, 48
+from . import sweep_configs
+from .sweep_configs import VOCAB, flat, scaled_values
+from .sweep_report import Result, Row, _value, markdown
 
 # Extra multimodal types (language tower inside a vision-language model), built with
 # AutoModelForImageTextToText and run on text only.
 MULTIMODAL = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3", "llava_next")
-
-_SET = {  # attribute -> tiny value, applied when the config has the attribute
-    "hidden_size": HIDDEN, "d_model": HIDDEN, "n_embd": HIDDEN, "embed_dim": HIDDEN,
-    "intermediate_size": INTERMEDIATE, "ffn_dim": INTERMEDIATE, "n_inner": INTERMEDIATE,
-    "moe_intermediate_size": MOE_INTERMEDIATE, "expert_intermediate_size": MOE_INTERMEDIATE,
-    "shared_expert_intermediate_size": MOE_INTERMEDIATE, "shared_intermediate_size": MOE_INTERMEDIATE,
-    "num_hidden_layers": LAYERS, "n_layer": LAYERS, "num_layers": LAYERS, "n_layers": LAYERS,
-    "num_attention_heads": HEADS, "n_head": HEADS, "num_heads": HEADS,
-    "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "attention_head_dim": HEAD_DIM,
-    "vocab_size": VOCAB, "max_position_embeddings": 256, "n_positions": 256,
-    "num_local_experts": EXPERTS, "num_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS,
-    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "n_group": 1, "topk_group": 1,
-    "first_k_dense_replace": 1, "n_shared_experts": 1,
-    "kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-    "qk_head_dim": 24, "sliding_window": 64, "attention_chunk_size": 64, "global_attn_every_n_layers": 2,
-    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
-    "use_cache": False, "router_aux_loss_coef": 0.0, "output_router_logits": False,
-    "hidden_dropout": 0.0, "attention_dropout": 0.0, "dropout": 0.0,
-}
-_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "depth": 1, "num_attention_heads": 2,
-           "num_heads": 2, "embed_dim": 32, "out_hidden_size": HIDDEN, "projection_dim": HIDDEN}
-_SUBCONFIGS = ("text_config", "language_config", "llm_config", "decoder_config", "thinker_config")
-_VISION_SUBCONFIGS = ("vision_config", "audio_config", "vision_tower_config")
-
-
-@dataclass
-class Result:
-    model_type: str
-    # "verified"; "mismatch" (patched differs from stock, or raises where stock runs: a failure, non-zero
-    # exit); "refused"; "no gated MLP"; "not built"; "failed" (stock itself raised, or the check timed out)
-    status: str
-    patched: int = 0
-    forms: dict = field(default_factory=dict)
-    refused: dict = field(default_factory=dict)
-    max_err: float | None = None  # worst patched relative error (vs float64)
-    stock_err: float | None = None
-    detail: str = ""
-    seconds: float = 0.0
+PASSES = ("defaults", "bf16", "non-identity")
+# A build error that no configuration can fix offline: a package this environment lacks.
+_MISSING_PACKAGE = re.compile(r"requires the (\w+) library but it was not found|No module named '([\w.]+)'")
 
 
 class _Timeout(Exception):
@@ -93,66 +67,27 @@ def _time_limit(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def _shrink(cfg, values: dict) -> None:
-    for key, value in values.items():
-        if key in ("head_dim",) and getattr(cfg, key, None) is None and not hasattr(type(cfg), key):
-            continue
-        if hasattr(cfg, key):
-            try:
-                setattr(cfg, key, value)
-            except Exception:  # read-only properties, validated setters
-                pass
-    if hasattr(cfg, "qk_rope_head_dim") and hasattr(cfg, "head_dim"):
-        try:
-            cfg.head_dim = cfg.qk_rope_head_dim  # MLA: rotary embeddings are sized by head_dim
-        except Exception:
-            pass
-    if hasattr(cfg, "kv_lora_rank") and hasattr(cfg, "num_key_value_heads"):
-        try:
-            cfg.num_key_value_heads = cfg.num_attention_heads  # MLA: one latent kv per query head
-        except Exception:
-            pass
-    n = getattr(cfg, "num_hidden_layers", None)
-    for key in ("layer_types", "layers_block_type", "mlp_only_layers", "block_types", "hybrid_override_pattern"):
-        val = getattr(cfg, key, None)
-        if isinstance(val, (list, tuple)) and n and len(val) > n:
-            try:
-                setattr(cfg, key, type(val)(val[:n]) if key != "mlp_only_layers" else [])
-            except Exception:
-                pass
-        elif isinstance(val, str) and n and len(val) > n:
-            try:
-                setattr(cfg, key, val[:n])
-            except Exception:
-                pass
+def tiny_config(model_type: str, *, scaled: dict | None = None):
+    """The config class built with tiny sizes (nested text / vision configs too); `scaled`: extra values."""
+    return sweep_configs.tiny_config(model_type, scaled=scaled)
 
 
-def tiny_config(model_type: str):
-    """The config class defaults, shrunk (nested text / vision configs too)."""
-    from transformers import CONFIG_MAPPING
-
-    cfg = CONFIG_MAPPING[model_type]()
-    _shrink(cfg, _SET)
-    for key in _SUBCONFIGS:
-        sub = getattr(cfg, key, None)
-        if sub is not None and hasattr(sub, "to_dict"):
-            _shrink(sub, _SET)
-    for key in _VISION_SUBCONFIGS:
-        sub = getattr(cfg, key, None)
-        if sub is not None and hasattr(sub, "to_dict"):
-            _shrink(sub, _VISION)
-    return cfg
-
-
-def build(model_type: str, seed: int = 0):
+def build(model_type: str, seed: int = 0, *, scaled: dict | None = None, dtype: torch.dtype = torch.float32,
+          config=None):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    cfg = tiny_config(model_type)
+    cfg = config if config is not None else tiny_config(model_type, scaled=scaled)
     auto = AutoModelForImageTextToText if model_type in MULTIMODAL else AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        model = auto.from_config(cfg, dtype=torch.float32)
+        if model_type in sweep_configs.DECODER_ONLY:
+            from transformers import CONFIG_MAPPING
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            model = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]]._from_config(cfg, dtype=dtype)
+        else:
+            model = auto.from_config(cfg, dtype=dtype)
     return model.eval()
 
 
@@ -165,57 +100,121 @@ def _gated_units(model) -> list[str]:
     return [name for name, m in model.named_modules() if match_recipe(m) is not None]
 
 
-def check(model_type: str, *, seed: int = 0, seq_len: int = 8, backend: str = "torch") -> Result:
-    """Build, patch (strict=False) and verify one model type, on `backend` ("triton": the interpreter on CPU)."""
+# A forward computing act(a) * b (or b * act(a), or act on one half of a chunk(2)): a gated MLP, whatever
+# its attribute names. Only classes named like a feed-forward block are looked at (Mamba's gated SSM
+# output and attention gates are not MLPs).
+_GATED_SOURCE = re.compile(
+    r"(?:\bact\w*|F\.(?:silu|gelu|relu|mish))\((?:[^()]|\([^()]*\))*\)\s*\*(?!\*)"
+    r"|\*\s*(?:self\.)?act\w*\("
+)
+_FFN_CLASS = re.compile(r"MLP|Mlp|FeedForward|FFN|Ffn|Expert|MoE|Moe|GLU|Glu")
+
+
+def _gated_by_source(cls) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    source = "\n".join(line.split("#")[0] for line in source.splitlines())
+    return bool(_GATED_SOURCE.search(source))
+
+
+def _unrecognised(model, known: set[str]) -> list[str]:
+    """Feed-forward modules whose forward looks gated that are neither a known unit nor contain one."""
+    out = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if name in known or not _FFN_CLASS.search(cls.__name__) or not any(True for _ in module.parameters()):
+            continue
+        if any(k == name or k.startswith(name + ".") or name.startswith(k + ".") for k in known if name):
+            continue
+        if _gated_by_source(cls):
+            out.append(f"{name} ({cls.__name__})")
+    return out
+
+
+def check(model_type: str, *, seed: int = 0, seq_len: int = 8, backend: str = "torch",
+          scaled: dict | bool | None = None, bf16: bool = False) -> Result:
+    """Build, patch (strict=False) and verify one model type, on `backend` ("triton": the interpreter on CPU).
+
+    scaled: True for the non-identity values of `sweep_configs.scaled_values`, or a dict of config values.
+    bf16: also run the bf16 pass (PyTorch path, patched == stock bitwise) when the fp32 check verifies.
+    """
     t0 = time.perf_counter()
     res = Result(model_type, "failed")
+    if scaled is True:
+        scaled = scaled_values(model_type)
+    res.scaled = flat(scaled or {})
     try:
         try:
-            stock = build(model_type, seed)
+            cfg = tiny_config(model_type, scaled=scaled or None)
+            stock = build(model_type, seed, config=cfg)
         except Exception as err:  # noqa: BLE001 - recorded with its reason
-            res.status, res.detail = "not built", _reason(err)
+            missing = _MISSING_PACKAGE.search(str(err))
+            res.status = "unavailable" if missing else "not built"
+            res.detail = f"needs the `{next(g for g in missing.groups() if g)}` package: " if missing else ""
+            res.detail += _reason(err)
             return res
+        if scaled:
+            unset = _not_applied(cfg, scaled)
+            if unset:
+                res.status, res.detail = "not built", f"the config did not keep {unset}"
+                return res
         units = _gated_units(stock)
+        stock16 = copy.deepcopy(stock).to(torch.bfloat16) if bf16 else None  # before stock runs (non-leaf state)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 patched = apply_swiglu_patch(copy.deepcopy(stock), backend=backend, strict=False)
             except NoGatedMLPError:
-                res.status = "no gated MLP"
+                res.unrecognised = _unrecognised(stock, set(units))
+                res.status = "unrecognised" if res.unrecognised else "no gated MLP"
                 return res
         report = patch_report(patched)
         res.patched, res.refused = len(report.patched), dict(report.refused)
         for form in report.patched.values():
             res.forms[form] = res.forms.get(form, 0) + 1
+        res.unrecognised = _unrecognised(stock, set(units) | set(report.patched) | set(report.refused))
         missing = sorted(set(units) - set(report.patched) - set(report.refused))
         if missing:
             res.status, res.detail = "mismatch", f"gated units neither patched nor refused: {missing}"
             return res
         if not report.patched:
             res.status = "refused"
+            if res.scaled:
+                res.detail = "with non-identity " + ", ".join(f"{k}={_value(v)}" for k, v in res.scaled.items())
             return res
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, min(_vocab(stock), VOCAB), (2, seq_len), generator=gen)
+        runner = _runner(stock, ids, gen)
         # stock and the float64 reference first: an error there is "failed" (stock itself is broken)
         # copied before stock runs: some models keep non-leaf state after a forward, and deepcopy refuses it
         reference = use_eager_experts(copy.deepcopy(stock).to(torch.float64))  # no float64 grouped_mm
-        stock_run = verification._run(stock, ids)
-        ref = verification._run(reference, ids)
+        stock_run = runner(stock)
+        ref = runner(reference)
+        del reference
         try:  # stock runs: an error of the patched model is the patch's fault, a "mismatch"
-            runs = {"stock": stock_run, "patched": verification._run(patched, ids)}
+            patched_run = runner(patched)
         except Exception as err:  # noqa: BLE001 - recorded with its reason
             res.status, res.detail = "mismatch", f"the patched model raised where stock ran: {_reason(err)}"
             return res
-        checks = verification.compare_runs(runs["stock"], runs["patched"], ref, torch.float32)
+        checks = verification.compare_runs(stock_run, patched_run, ref, torch.float32)
         bad = [c for c in checks if not c.ok]
-        ok = not bad
         if bad:
             c = bad[-1]
             res.detail = c.detail or f"{c.name}: patched err {c.patched_err:.3g} > limit {c.limit:.3g} (stock {c.stock_err:.3g})"
-        worst_check = max(checks, key=lambda c: c.patched_err)
-        worst = (worst_check.patched_err, worst_check.stock_err)
-        res.max_err, res.stock_err = worst[0], worst[1]
-        res.status = "verified" if ok else "mismatch"
+        # a gradient that is analytically zero (a router whose weights normalise away) is rounding noise on both
+        # sides (relative error >= 1): within the rule, but reported apart from the worst meaningful error
+        noise = [c for c in checks if c.ok and c.stock_err >= 1]
+        worst_check = max([c for c in checks if c not in noise] or checks, key=lambda c: c.patched_err)
+        res.max_err, res.stock_err = worst_check.patched_err, worst_check.stock_err
+        if noise and not bad:
+            res.detail = (f"{len(noise)} gradient(s) analytically ~0, rounding noise on both sides (stock err "
+                          f"{max(c.stock_err for c in noise):.1e}, patched within 2x): "
+                          + ", ".join(c.name.removeprefix("grad ") for c in noise[:2]) + (", ..." if len(noise) > 2 else ""))
+        res.status = "mismatch" if bad else "verified"
+        if stock16 is not None and not bad:
+            res.bf16 = _bf16_exact(stock16, runner)
         return res
     except Exception as err:  # noqa: BLE001
         res.status, res.detail = "failed", _reason(err)
@@ -224,16 +223,75 @@ def check(model_type: str, *, seed: int = 0, seq_len: int = 8, backend: str = "t
         res.seconds = time.perf_counter() - t0
 
 
+def _runner(model, ids, gen):
+    """model -> (logits, loss, grads) as verification._run gives them, on inputs fixed once for every copy."""
+    if hasattr(model, "pre_projection") and hasattr(model.config, "backbone_hidden_size"):
+        return _assistant_runner(model, ids, gen)
+    return lambda m: verification._run(m, ids)
+
+
+def _assistant_runner(model, ids, gen):
+    """Gemma 4 assistants draft from the target model's state: inputs_embeds (the target's embedding and
+    last hidden state, 2 x backbone hidden) and its last KV of each layer type (`shared_kv_states`), which
+    every assistant layer reads (no input_ids). Both come here from the seeded generator; the loss is the
+    cross entropy of the logits against the batch, as a causal LM's."""
+    text = model.config.get_text_config()
+    batch, seq = ids.shape
+    embeds = torch.randn(batch, seq, 2 * model.config.backbone_hidden_size, generator=gen)
+    kv = {}
+    for layer_type in sorted(set(text.layer_types)):
+        layer = text.per_layer_config[layer_type]
+        shape = (batch, layer.num_key_value_heads, seq, layer.head_dim)
+        kv[layer_type] = (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+
+    def run(m):
+        dtype = next(m.parameters()).dtype
+        m.zero_grad(set_to_none=True)
+        # output_hidden_states: the text model's slicing for KV-shared layers indexes per-layer inputs, which an
+        # assistant has none of (hidden_size_per_layer_input 0); generation calls it one token at a time, unsliced
+        out = m(inputs_embeds=embeds.to(dtype), shared_kv_states={k: (a.to(dtype), b.to(dtype)) for k, (a, b) in kv.items()},
+                output_hidden_states=True)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).to(dtype)
+        loss.backward()
+        grads = {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+        return out.logits.detach().double(), loss.detach().double(), grads
+
+    return run
+
+
+def _bf16_exact(stock16, runner) -> str:
+    """The bf16 pass: patched on the PyTorch path must give stock's logits, loss and gradients bit for bit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patched16 = apply_swiglu_patch(copy.deepcopy(stock16), backend="torch", strict=False)
+    s = runner(stock16)  # values in float64: exact images of the bf16 values
+    try:
+        p = runner(patched16)
+    except Exception as err:  # noqa: BLE001
+        return f"differs: the patched model raised: {_reason(err)}"
+    items = [("logits", s[0], p[0]), ("loss", s[1], p[1])] + [(f"grad {n}", g, p[2].get(n)) for n, g in s[2].items()]
+    items += [(f"grad {n}", None, g) for n, g in p[2].items() if n not in s[2]]
+    diff = [name for name, a, b in items if a is None or b is None or not torch.equal(a, b)]
+    if not diff:
+        return "equal"
+    return f"differs: {len(diff)} of {len(items)} ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''})"
+
+
+def _not_applied(cfg, values: dict, prefix: str = "") -> dict:
+    """The requested non-identity values the built config does not hold (post-init overwrote them)."""
+    out = {}
+    for key, value in values.items():
+        have = getattr(cfg, key, None)
+        if isinstance(value, dict):
+            out.update(_not_applied(have, value, f"{prefix}{key}.") if have is not None else {f"{prefix}{key}": value})
+        elif (list(have) if isinstance(have, tuple) else have) != value:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _reason(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".replace("\n", " ").replace("|", "\\|")
     return text[:220] + ("..." if len(text) > 220 else "")
-
-
-def _short(reason: str) -> str:
-    """A refusal reason without the module name prefix ("model.layers.0.mlp (Cls) ...")."""
-    head, sep, rest = reason.partition(") ")
-    text = rest if sep and "(" in head else reason
-    return text.split(". The module does extra math")[0][:170]
 
 
 def model_types() -> list[str]:
@@ -242,55 +300,30 @@ def model_types() -> list[str]:
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + [t for t in MULTIMODAL if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
 
 
-def run(types=None, *, timeout: int = 60, log=print) -> list[Result]:
-    results = []
+def _guarded(timeout: int, model_type: str, **kwargs) -> Result:
+    try:
+        with _time_limit(timeout):
+            return check(model_type, **kwargs)
+    except _Timeout as err:
+        return Result(model_type, "failed", detail=str(err), seconds=float(timeout))
+
+
+def run(types=None, *, timeout: int = 120, log=print, passes=PASSES, backend: str = "torch") -> list[Row]:
+    rows = []
     for model_type in types or model_types():
-        try:
-            with _time_limit(timeout):
-                r = check(model_type)
-        except _Timeout as err:
-            r = Result(model_type, "failed", detail=str(err), seconds=float(timeout))
-        results.append(r)
+        r = _guarded(timeout, model_type, backend=backend, bf16="bf16" in passes)
+        row = Row(r)
+        values = scaled_values(model_type) if "non-identity" in passes and r.status not in ("not built", "unavailable", "no gated MLP") else {}
+        if values:
+            row.scaled = _guarded(timeout, model_type, backend=backend, scaled=values)
+        rows.append(row)
         if log:
+            s = row.scaled
             log(f"{model_type:<28} {r.status:<13} patched={r.patched:<3} refused={len(r.refused):<2} "
-                f"{'' if r.max_err is None else f'err={r.max_err:.2e}'} {r.detail[:100]} ({r.seconds:.1f}s)")
-    return results
-
-
-def markdown(results: list[Result]) -> str:
-    import transformers
-
-    counts = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    lines = [
-        "# Supported models (generated)",
-        "",
-        f"Generated by `swiglu-hf sweep` on {datetime.date.today().isoformat()} with transformers "
-        f"{transformers.__version__}, torch {torch.__version__}, CPU, fp32, backend torch.",
-        "",
-        "Each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (plus a few vision-language models, run on "
-        "text) is built tiny from its config defaults (hidden 64, 2 layers, 4 heads, 4 experts, vocab 128), "
-        "patched with `apply_swiglu_patch(strict=False)` and compared with the stock model against a float64 "
-        "copy: logits, loss and every parameter gradient must satisfy patched err <= 2 x stock err + 4 eps "
-        "(relative max error, as `swiglu-hf verify`). `max err` is the worst patched error over all of them. "
-        "Every module with a gated structure must be patched or refused with a reason.",
-        "",
-        "Summary: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1])) + ".",
-        "",
-        "| model type | status | patched units (forms) | max err (stock err) | notes |",
-        "|---|---|---|---|---|",
-    ]
-    for r in sorted(results, key=lambda r: r.model_type):
-        forms = ", ".join(f"{n} {f}" for f, n in sorted(r.forms.items()))
-        units = f"{r.patched} ({forms})" if r.patched else "-"
-        err = "-" if r.max_err is None else f"{r.max_err:.1e} ({r.stock_err:.1e})"
-        notes = r.detail
-        if r.refused:
-            reasons = sorted({_short(v) for v in r.refused.values()})
-            notes = (notes + " " if notes else "") + f"refused {len(r.refused)}: " + "; ".join(reasons).replace("|", "\\|")
-        lines.append(f"| {r.model_type} | {r.status} | {units} | {err} | {notes} |")
-    return "\n".join(lines) + "\n"
+                f"{'' if r.max_err is None else f'err={r.max_err:.2e} '}bf16={r.bf16[:40] or '-'} "
+                f"non-identity={s.status if s else '-'} {r.detail[:80]} {s.detail[:80] if s else ''} "
+                f"({r.seconds + (s.seconds if s else 0):.1f}s)")
+    return rows
 
 
 def add_parser(sub) -> None:
@@ -299,20 +332,31 @@ def add_parser(sub) -> None:
     # Never a repository file by default: the repo's table is regenerated with --out docs/SUPPORTED_MODELS.md.
     p.add_argument("--out", default="swiglu-hf-sweep/SUPPORTED_MODELS.md",
                    help="markdown file to write ('-' for none); the repo's table: --out docs/SUPPORTED_MODELS.md")
-    p.add_argument("--timeout", type=int, default=60, help="seconds per model type")
+    p.add_argument("--timeout", type=int, default=120, help="seconds per model type and pass")
+    p.add_argument("--passes", default=",".join(PASSES), help=f"comma-separated, of {', '.join(PASSES)}")
+    p.add_argument("--backend", default="torch", choices=("torch", "triton"),
+                   help="backend of the fp32 passes (triton: the interpreter on CPU); bf16 always runs on torch")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     types = args.types.split(",") if args.types else None
-    results = run(types, timeout=args.timeout)
+    passes = tuple(getattr(args, "passes", ",".join(PASSES)).split(","))
+    unknown = set(passes) - set(PASSES)
+    if unknown:
+        raise SystemExit(f"unknown pass(es) {sorted(unknown)}; known: {', '.join(PASSES)}")
+    backend = getattr(args, "backend", "torch")
+    t0 = time.perf_counter()
+    rows = run(types, timeout=args.timeout, passes=passes, backend=backend, log=lambda line: print(line, flush=True))
+    seconds = time.perf_counter() - t0
     if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(markdown(results))
+        Path(args.out).write_text(markdown(rows, seconds=seconds, backend=backend))
         print(f"wrote {args.out}")
-    bad = [r.model_type for r in results if r.status == "mismatch"]
-    print(f"{sum(r.status == 'verified' for r in results)} verified, {len(bad)} mismatched: {', '.join(bad) or 'none'}")
+    bad = [row.defaults.model_type for row in rows if row.failed]
+    print(f"{sum(row.defaults.status == 'verified' for row in rows)} verified, {len(bad)} failing: "
+          f"{', '.join(bad) or 'none'} ({seconds:.0f} s)")
     return 1 if bad else 0
 
 
-__all__ = ["run", "check", "build", "tiny_config", "markdown", "Result"]
+__all__ = ["run", "check", "build", "tiny_config", "markdown", "Result", "Row", "PASSES"]
