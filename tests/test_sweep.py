@@ -98,7 +98,8 @@ def test_non_identity_values_are_chosen_for_scaling_and_clamping_fields():
     values = sweep_configs.flat(sweep_configs.scaled_values("falcon_h1"))
     assert values["mlp_multipliers"] == [0.88, 0.59] and values["embedding_multiplier"] == 0.88
     assert sweep_configs.scaled_values("gpt_oss")["swiglu_limit"] == sweep_configs.LIMIT  # 7.0 never binds
-    assert sweep_configs.scaled_values("llama") == {}
+    assert sweep_configs.scaled_values("llama") == {"mlp_bias": True, "attention_bias": True}  # both off by default
+    assert sweep_configs.scaled_values("gpt2") == {}
     assert sweep.tiny_config("falcon_h1", scaled={"mlp_multipliers": [0.88, 0.59]}).mlp_multipliers == [0.88, 0.59]
 
 
@@ -125,6 +126,24 @@ def test_the_non_identity_pass_catches_math_that_identity_defaults_hide(monkeypa
     assert r.status in ("mismatch", "refused"), (r.status, r.detail)
     if r.status == "mismatch":  # a failure of the sweep (non-zero exit), not a row among the verified
         assert sweep.Row(sweep.Result("falcon_h1", "verified"), r).failed
+
+
+def test_the_non_identity_pass_gives_zero_initialised_biases_values(monkeypatch):
+    """HF initialises biases to 0: a fused forward dropping down_proj's bias passes unless they are perturbed."""
+    import torch.nn.functional as F
+
+    from swiglu_hf import patch
+
+    r = sweep.check("llama", scaled=True)  # with biases, all 0 at init, and norm weights, all 1: perturbed
+    assert r.status == "verified" and r.perturbed > 0 and r.scaled["mlp_bias"] is True
+
+    def drops_down_bias(self, x):
+        return F.linear(self.act_fn(self.gate_proj(x)) * self.up_proj(x), self.down_proj.weight)
+
+    monkeypatch.setattr(patch, "_fused_forward", drops_down_bias)
+    assert sweep.check("llama").status == "verified"  # no bias by default: nothing to drop
+    r = sweep.check("llama", scaled={"mlp_bias": True})
+    assert r.status == "mismatch" and r.perturbed > 0, (r.status, r.detail)
 
 
 # ---- the bf16 pass -----------------------------------------------------------------------------
@@ -188,9 +207,9 @@ def test_markdown_reports_every_pass_and_the_refusals():
                                    bf16="equal"), only_identity),
             sweep.Row(sweep.Result("gpt2", "no gated MLP"))]
     text = sweep.markdown(rows)
-    assert "Summary, fp32 (config defaults): 2 verified, 1 refused, 1 no gated MLP." in text
+    assert "Summary, fp32 (config defaults): 2 verified, 1 refused (reasons below), 1 no gated MLP." in text
     assert "Summary, bf16 (PyTorch path, bitwise): 2 of 2 verified types equal to stock." in text
-    assert "Summary, non-identity values (1 types with such fields): 1 refused." in text
+    assert "Summary, non-identity (1 types with gated units): 1 refused (reasons below)." in text
     assert "- somemodel: uses activation Y" in text
     assert "- falcon_h1 (non-identity: mlp_multipliers=[0.88, 0.59]): differs from the module's own forward" in text
     assert "| llama | verified | 2 (2 split) | 6.0e-07 (6.0e-07) | equal | - | - |  |" in text

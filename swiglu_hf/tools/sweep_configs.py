@@ -7,9 +7,10 @@ sizes. Nested text / vision / audio configs get the same treatment through their
 `OVERRIDES` holds, per model type, what its config class's constraints need at these sizes, each
 with the constraint it satisfies (read from transformers' `configuration_<type>.py`).
 
-`scaled_values` is the second sweep pass: every scalar field that scales or clamps (names with
-multiplier, limit, alpha, softcap, ...) gets a non-identity value small enough that clamps clamp
-on a tiny random model's activations, so that identity defaults cannot hide unsupported math.
+`scaled_values` gives the values of the sweep's non-identity pass: every field that scales or clamps
+(names with multiplier, limit, alpha, softcap, ...) a non-identity value small enough that clamps
+clamp on a tiny random model's activations, and `mlp_bias` on, so that identity defaults cannot hide
+unsupported math (the sweep also perturbs the parameters initialisation leaves constant).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ OVERRIDES: dict[str, dict] = {
     "mamba2": {"num_heads": 8, "head_dim": 16, "state_size": 16, "chunk_size": 16},
     "bamba": _MAMBA,
     "granitemoehybrid": _MAMBA,
-    "falcon_h1": _MAMBA,
+    "falcon_h1": {**_MAMBA, "mamba_d_ssm": 2 * HIDDEN},  # d_head = d_ssm / n_heads
 }
 
 
@@ -297,6 +298,7 @@ EXTRA_SCALED = {
     "gemma3n_text": {"activation_sparsity_pattern": [0.95, 0.95, 0.0, 0.0]},
     "gemma3n": {"text_config": {"activation_sparsity_pattern": [0.95, 0.95, 0.0, 0.0]}},
 }
+BIAS_FIELDS = ("mlp_bias",)
 LIMIT = 0.1  # a tiny random model's gate/up values are ~0.1-0.3: a clamp at 0.1 clamps many of them
 
 
@@ -333,6 +335,12 @@ def _class_scaled(cls, depth: int = 0) -> dict:
         instance = cls() if fields else None
     except Exception:  # noqa: BLE001 - a class with required arguments: its field defaults then
         instance = None
+    names = field_names(cls)
+    for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if f.name in BIAS_FIELDS and f.default is False:  # projections without bias by default: with one
+            out[f.name] = True
+            if "attention_bias" in names:  # InternLM3 validates one bias setting for attention and MLP
+                out["attention_bias"] = True
     for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)

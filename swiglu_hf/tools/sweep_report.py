@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,7 @@ class Result:
     # bf16 pass: "equal" (logits, loss, every gradient torch.equal to stock), "differs: ...", "" (not run)
     bf16: str = ""
     unrecognised: list = field(default_factory=list)  # "path (Class)" of gated-looking forwards no recipe matched
+    perturbed: int = 0  # non-identity pass: constant-initialised parameters given noise
 
 
 @dataclass
@@ -47,8 +49,8 @@ class Row:
 
 def _short(reason: str) -> str:
     """A refusal reason without the module name prefix ("model.layers.0.mlp (Cls) ...")."""
-    head, sep, rest = reason.partition(") ")
-    text = rest if sep and "(" in head else reason
+    text = re.sub(r"^[\w.]+ \([\w.]+\):? ", "", reason)
+    text = re.sub(r"^same class as: [\w.]+ \([\w.]+\):? ", "", text)  # the probe ran on another instance
     return text.split(". The module does extra math")[0][:260]
 
 
@@ -57,7 +59,9 @@ def _counts(results) -> str:
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     order = ("verified", "refused", "no gated MLP", "unrecognised", "unavailable", "not built", "failed", "mismatch")
-    return ", ".join(f"{counts.pop(s)} {s}" for s in order if s in counts) + "".join(f", {n} {s}" for s, n in counts.items())
+    label = {"refused": "refused (reasons below)", "unrecognised": "unrecognised (below)", "unavailable": "unavailable (below)"}
+    return ", ".join(f"{counts.pop(s)} {label.get(s, s)}" for s in order if s in counts) + "".join(
+        f", {n} {s}" for s, n in counts.items())
 
 
 def _refusal_notes(r: Result) -> str:
@@ -92,6 +96,7 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
     bf16_run = [r for r in defaults if r.bf16]
     bf16_equal = sum(r.bf16 == "equal" for r in bf16_run)
     refused = [r for r in defaults if r.refused]  # whole types and the units refused in verified ones
+    partly = sum(r.status == "verified" and bool(r.unrecognised) for r in defaults)
     scaled_refused = [r.scaled for r in rows if r.scaled is not None and r.scaled.refused
                       and r.scaled.refused.keys() != r.defaults.refused.keys()]
     lines = [
@@ -113,17 +118,19 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
         "- **fp32**: the config's defaults. `max err` is the worst patched error (stock's in parentheses).",
         "- **bf16**: the same model in bfloat16 on the PyTorch path; `equal` means patched logits, loss and every "
         "gradient are `torch.equal` to stock's.",
-        "- **non-identity**: every field that scales or clamps (multiplier, limit, alpha, softcap, routing scale; "
-        "Gemma 3n's activation sparsity) set to a non-identity value small enough to bind on tiny activations "
-        f"(limits {sweep_configs.LIMIT:g}, multipliers 0.88 / 0.59), listed in the last column; `-`: the type has "
-        "no such field.",
+        "- **non-identity**: every config field that scales or clamps (multiplier, limit, alpha, softcap, routing "
+        "scale; Gemma 3n's activation sparsity) set to a non-identity value small enough to bind on tiny "
+        f"activations (limits {sweep_configs.LIMIT:g}, multipliers 0.88 / 0.59), `mlp_bias` (and `attention_bias`) on where off, "
+        "and every parameter the initialisation leaves constant (zero biases, unit norm weights) perturbed: "
+        "identity values cannot hide math the patch drops. Values listed per row; `-`: not run (no gated unit).",
         "",
-        f"Summary, fp32 (config defaults): {_counts(defaults)}.",
+        f"Summary, fp32 (config defaults): {_counts(defaults)}"
+        + (f"; {partly} of the verified leave a gated forward under unknown names unpatched (below)" if partly else "") + ".",
         "",
         f"Summary, bf16 (PyTorch path, bitwise): {bf16_equal} of {len(bf16_run)} verified types equal to stock"
         + (f", {len(bf16_run) - bf16_equal} differ" if len(bf16_run) > bf16_equal else "") + ".",
         "",
-        f"Summary, non-identity values ({len(scaled)} types with such fields): {_counts(scaled) if scaled else 'none'}.",
+        f"Summary, non-identity ({len(scaled)} types with gated units): {_counts(scaled) if scaled else 'none'}.",
         "",
     ]
     if refused or scaled_refused:
@@ -134,15 +141,17 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
         lines += [f"- {r.model_type} (non-identity: {', '.join(f'{k}={_value(v)}' for k, v in r.scaled.items())}): "
                   f"{_refusal_notes(r).split(': ', 1)[-1]}" for r in scaled_refused]
         lines.append("")
-    others = [r for r in defaults if r.status in ("unrecognised", "unavailable", "not built", "failed", "mismatch")]
+    others = [r for r in defaults if r.status in ("unrecognised", "unavailable", "not built", "failed", "mismatch")
+              or r.unrecognised]
     if others:
-        lines += ["Not verified for another reason:", ""]
+        lines += ["Not verified (or not wholly) for another reason:", ""]
         for r in others:
             why = r.detail or ", ".join(r.unrecognised)
-            if r.status == "unrecognised":
-                why = "a gated forward under attribute names no recipe knows: " + ", ".join(r.unrecognised[:2]) + (
-                    ", ..." if len(r.unrecognised) > 2 else "")
-            lines.append(f"- {r.model_type} ({r.status}): {why}")
+            if r.unrecognised:
+                why = "a gated forward under attribute names no recipe knows, left unpatched: " + ", ".join(
+                    r.unrecognised[:2]) + (", ..." if len(r.unrecognised) > 2 else "")
+            status = r.status if r.status != "verified" else "verified, partly: the other units are patched"
+            lines.append(f"- {r.model_type} ({status}): {why}")
         lines.append("")
     lines += [
         "| model type | fp32 | patched units (forms) | max err (stock err) | bf16 | non-identity | non-identity values | notes |",
@@ -161,9 +170,11 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
             notes.append(f"gated forward under names no recipe knows: {', '.join(classes)} ({r.unrecognised[0].split(' ')[0]}, ...)")
         if r.bf16.startswith("differs"):
             notes.append(f"bf16 {r.bf16}")
-        if s is not None and (s.detail or s.refused) and (s.detail, s.refused) != (r.detail, r.refused):
+        same_refusal = s is not None and s.refused and _refusal_notes(s) == _refusal_notes(r)
+        if s is not None and (s.detail or s.refused) and not same_refusal and (s.detail, s.refused) != (r.detail, r.refused):
             notes.append("non-identity: " + " ".join(x for x in (s.detail, _refusal_notes(s)) if x))
-        values = ", ".join(f"{k}={_value(v)}" for k, v in s.scaled.items()) if s else "-"
+        values = "-" if s is None else ", ".join(
+            [f"{k}={_value(v)}" for k, v in s.scaled.items()] + ([f"{s.perturbed} constant tensors perturbed"] if s.perturbed else []))
         cell = " ".join(notes).replace("|", "\\|")
         lines.append(f"| {r.model_type} | {r.status} | {units} | {err} | {r.bf16 or '-'} | {_scaled_cell(row)} | {values} | {cell} |")
     return "\n".join(lines) + "\n"
