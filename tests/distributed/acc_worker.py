@@ -162,20 +162,12 @@ def flat_checkpoint(path: Path) -> dict:
 
 
 def cell(acc, ckpt: Path, workdir: Path, order: str, stock_eval: dict) -> dict:
-    import swiglu_hf
     from accelerate.utils import DistributedType
     from swiglu_hf import apply_swiglu_patch, patched_modules
 
     acc.free_memory()  # drop the previous cell's model/optimizer/engine from the accelerator
     fsdp = acc.distributed_type == DistributedType.FSDP
-    if order == "class":
-        with swiglu_hf.patching():
-            model = C.load_model(ckpt)
-    else:
-        model = C.load_model(ckpt)
-    zero_init = any(hasattr(p, "ds_id") for p in model.parameters())
-    if order in ("before", "load"):
-        apply_swiglu_patch(model)
+    model, zero_init = C.load_for_order(ckpt, order, ("before", "load"))
     opt = torch.optim.AdamW(model.parameters(), lr=C.LR, weight_decay=0.0)
     loader = torch.utils.data.DataLoader(C.all_rows(), batch_size=C.MICRO, shuffle=False)
     model, opt, loader = acc.prepare(model, opt, loader)

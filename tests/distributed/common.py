@@ -252,3 +252,20 @@ class Matrix:
 
 def describe_keys(g: dict) -> dict:
     return {k: g[k] for k in ("swiglu_frames", "raised_at", "traceback") if k in g}
+
+
+def load_for_order(ckpt, order: str, patch_before: tuple[str, ...]):
+    """The model for one cell: built inside swiglu_hf.patching() for order "class", patched right after
+    loading for the orders in patch_before. Returns (model, whether ZeRO-3 partitioned it at load)."""
+    import swiglu_hf
+    from swiglu_hf.integrations.deepspeed import is_partitioned
+
+    if order == "class":
+        with swiglu_hf.patching():
+            model = load_model(ckpt)
+    else:
+        model = load_model(ckpt)
+    zero_init = is_partitioned(model)
+    if order in patch_before:
+        swiglu_hf.apply_swiglu_patch(model)
+    return model, zero_init

@@ -74,7 +74,6 @@ def ds_cell(ckpt: Path, stage: int, offload: bool, order: str) -> dict:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    import swiglu_hf
     from swiglu_hf import apply_swiglu_patch, patched_modules
 
     cfg = ds_config(stage, offload)
@@ -82,14 +81,7 @@ def ds_cell(ckpt: Path, stage: int, offload: bool, order: str) -> dict:
     hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 and order != "before_noinit" else None
     engine = None
     try:
-        if order == "class":
-            with swiglu_hf.patching():
-                model = C.load_model(ckpt)
-        else:
-            model = C.load_model(ckpt)
-        zero_init = any(hasattr(p, "ds_id") for p in model.parameters())
-        if order in ("before", "before_noinit"):
-            apply_swiglu_patch(model)
+        model, zero_init = C.load_for_order(ckpt, order, ("before", "before_noinit"))
         opt = torch.optim.AdamW(model.parameters(), lr=C.LR, weight_decay=0.0)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         if order == "after":
