@@ -23,7 +23,7 @@ from swiglu_hf.tools import finetune, finetune_data, finetune_run
 from swiglu_hf.tools.finetune import FinetuneConfig
 from swiglu_hf.tools.finetune_memory import LiveTensorBytes, resident_bytes
 from swiglu_hf.tools.progress import StepProgress
-from swiglu_hf.tools.tiny_checkpoint import save_tiny_checkpoint
+from swiglu_hf.tools.tiny_checkpoint import save_tiny_checkpoint, save_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -225,6 +225,20 @@ def test_parquet_is_read_when_pyarrow_is_installed(tmp_path):
     assert tokens.tolist() == [97, 98, 258, 99, 258] and about["documents"] == 2
 
 
+def test_saved_datasets_directory_is_read_train_split_first(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the data extra (pip install swiglu-hf[data]) is not installed")
+
+    rows = {"content": ["ab", "", "c"], "other": ["x", "y", "z"]}
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"content": ["zz"], "other": ["q"]}),
+                          "train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dict"))
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "single"))
+    for name in ("dict", "single"):
+        tokens, about = finetune_data.load_tokens(tmp_path / name, None, 264, eos_token_id=258, text_field="content")
+        assert tokens.tolist() == [97, 98, 258, 99, 258] and about["documents"] == 2
+    with pytest.raises(InvalidInputError, match=r"has no column 'text' \(columns: content, other\); use --text-field"):
+        finetune_data.load_tokens(tmp_path / "single", None, 264, eos_token_id=258)
+
+
 def test_windows_hold_out_eval_and_batches_are_seeded_split_and_accumulable():
     train, held_out = finetune_data.split_windows(torch.arange(1005), 10, 0.1)
     assert train.shape == (90, 10) and held_out.shape == (10, 10) and held_out[0, 0] == 900
@@ -273,6 +287,29 @@ def test_local_checkpoint_with_tokenizer_jsonl_lora_and_checkpointing(checkpoint
     assert _sha(adapters[0]) == _sha(adapters[1])
     assert not (tmp_path / "stock" / "model.safetensors").exists()  # the adapter only
     assert (tmp_path / "stock" / "tokenizer.json").exists()
+
+
+def test_gguf_checkpoint_with_its_own_tokenizer_trains_like_stock(checkpoint, tmp_path):
+    """--model FILE.gguf: the same weights and byte tokenizer as the safetensors checkpoint, read from
+    one GGUF file as llama.cpp writes it; stock and patched train bitwise alike on it."""
+    pytest.importorskip("gguf", reason="the gguf package (in the test extra) is not installed")
+    from transformers import AutoModelForCausalLM
+
+    path, jsonl = checkpoint
+    gguf_file = save_tiny_gguf(tmp_path / "tiny.gguf")
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", local_files_only=True)
+    from_dir = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    ids = torch.tensor([[257, *b"gated units"]])
+    assert torch.equal(from_gguf(ids).logits, from_dir(ids).logits)
+
+    cfg = FinetuneConfig(model=str(gguf_file), data=str(jsonl), variants=("stock", "patched"), steps=2, batch_size=2,
+                         seq_len=16, device="cpu", eval_batches=1)
+    r = finetune.run(cfg, quiet=True)
+    assert r["pretrained"] is True and str(gguf_file) in r["model"]
+    assert r["data"]["tokenizer"] != "byte-level (UTF-8 bytes)"  # the GGUF file's own tokenizer
+    stock, patched = r["variants"]["stock"], r["variants"]["patched"]
+    assert patched["patched_modules"] == from_dir.config.num_hidden_layers and patched["losses"] == stock["losses"]
+    assert patched["eval_loss"] == stock["eval_loss"]
 
 
 def test_results_are_written_after_each_variant(tmp_path, monkeypatch):
