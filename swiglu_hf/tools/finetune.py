@@ -142,38 +142,27 @@ def _variants_arg(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _count(minimum: int):
-    def parse(text: str) -> int:
+def _number(convert, ok, rule: str, kind: str):
+    """An argparse type: `convert` the text, then require `ok(value)` (stated as `rule`)."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
         return value
 
-    parse.__name__ = f"int>={minimum}"
+    parse.__name__ = f"{convert.__name__} {rule}"
     return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+def _count(minimum: int):
+    return _number(int, lambda v: v >= minimum, f">= {minimum}", "a whole number")
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+_fraction = _number(float, lambda v: 0 <= v < 1, "in [0, 1)", "a number in [0, 1)")
+_positive = _number(float, lambda v: v > 0, "> 0", "a number")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
