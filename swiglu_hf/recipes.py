@@ -12,9 +12,14 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import nn
 
 from .forms import FORMS, Form
+
+
+# Activations a recipe may name as its default (the functions stock forwards call by name).
+DEFAULT_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
 
 @dataclass(frozen=True)
@@ -27,12 +32,23 @@ class Recipe:
     # False: the structure alone makes a candidate and a missing activation is a refusal (with a
     # reason) rather than "not a gated MLP"; True: no activation attribute, no match.
     require_activation: bool = True
+    # The activation of a shape whose forward calls it by name (Lfm2's F.silu(self.w1(x))), when no
+    # activation attribute is found; the probe proves it like any other.
+    default_activation: str | None = None
+    # Recipes are tried in (order, name) order: a shape whose names overlap another's comes first.
+    order: int = 100
 
     def __post_init__(self):
         if self.form_name not in FORMS:
             raise ValueError(f"recipe {self.name!r}: unknown form {self.form_name!r}; known: {', '.join(FORMS)}")
-        if set(self.projections) != set(self.form.roles):
-            raise ValueError(f"recipe {self.name!r}: form {self.form_name!r} needs projections {self.form.roles}")
+        roles, optional = set(self.form.roles), set(getattr(self.form, "optional_roles", ()))
+        if not roles <= set(self.projections) <= roles | optional:
+            raise ValueError(
+                f"recipe {self.name!r}: form {self.form_name!r} needs projections {self.form.roles}"
+                + (f" (optional: {tuple(sorted(optional))})" if optional else "")
+            )
+        if self.default_activation is not None and self.default_activation not in DEFAULT_ACTIVATIONS:
+            raise ValueError(f"recipe {self.name!r}: default_activation must be one of {tuple(DEFAULT_ACTIVATIONS)}")
 
     @property
     def form(self) -> Form:
@@ -43,7 +59,7 @@ class Recipe:
             act = getattr(module, attr, None)
             if act is not None:
                 return act
-        return None
+        return DEFAULT_ACTIVATIONS.get(self.default_activation)
 
 
 @functools.cache
@@ -55,7 +71,7 @@ def load_recipes() -> tuple[Recipe, ...]:
         if spec is not None:
             spec = dict(spec)
             recipes.append(Recipe(form_name=spec.pop("form"), **spec))
-    return tuple(recipes)
+    return tuple(sorted(recipes, key=lambda r: (r.order, r.name)))
 
 
 def match_recipe(module: nn.Module):

@@ -119,3 +119,113 @@ def test_quickstart_example_runs():
     out = subprocess.run([sys.executable, "examples/quickstart.py"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "patched: ['model.layers.0.mlp', 'model.layers.1.mlp']" in out.stdout and "PASS" in out.stdout
+
+
+# ---- families whose gated units have their own names or shapes (patches/*.py) -----------------
+
+# model type -> (recipe of the units that must be patched, classes patched). Built tiny from their own
+# config classes, as the sweep builds them (swiglu_hf.tools.sweep_configs).
+NAMED_FAMILIES = {
+    "dbrx": ("expert_glu", {"DbrxExpertGLU"}),  # forward(x, w1, v1, w2) over one expert's slices
+    "jetmoe": ("parallel_experts", {"JetMoeMoE"}),  # the whole routed layer over ParallelExperts
+    "lfm2": ("split_w1_w3", {"Lfm2MLP"}),  # w2(F.silu(w1 x) * w3 x): silu by name
+    "modernbert-decoder": ("packed_wi_wo", {"ModernBertDecoderMLP"}),  # dropout between gate and Wo
+    "moshi": ("packed_fc", {"MoshiGatingMLP"}),
+    "xlstm": ("split_xlstm", {"xLSTMFeedForward"}),
+    "granitemoeshared": ("packed_linear_io", {"GraniteMoeSharedMLP"}),  # the shared MLP next to the experts
+    "inkling_text": ("stacked_experts", {"InklingSharedExperts"}),  # bmm over [S, I, H], scaled by gammas
+    "zamba2": ("packed", {"Zamba2MLP"}),  # forward(x, layer_idx): per-layer adapter added to gate_up
+    "dory": ("split", {"DoryMLP"}),  # suv scales on gate and up, L2 sub-norm before down_proj
+}
+
+
+def _named_run(model, ids):
+    from swiglu_hf.verification import _run
+
+    return _run(model, ids)
+
+
+@pytest.mark.parametrize("model_type", sorted(NAMED_FAMILIES))
+def test_named_family_matches_stock(model_type, patch_backend):
+    from swiglu_hf import patch_report
+    from swiglu_hf.tools import sweep
+
+    with sweep._one_thread():
+        stock = sweep.build(model_type)
+        patched = apply_swiglu_patch(copy.deepcopy(stock))
+        recipe, classes = NAMED_FAMILIES[model_type]
+        report = patch_report(patched)
+        assert not report.refused, report.refused
+        by_name = dict(patched.named_modules())
+        assert classes == {type(by_name[n]).__name__ for n, r in report.patched.items() if r == recipe}, report.patched
+        ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(4))
+        (want_logits, want_loss, want_grads), (logits, loss, grads) = _named_run(stock, ids), _named_run(patched, ids)
+    assert_like_stock(logits, want_logits, patch_backend, "logits")
+    assert_like_stock(loss, want_loss, patch_backend, "loss")
+    assert want_grads.keys() == grads.keys()
+    for name, g in want_grads.items():
+        assert_like_stock(grads[name], g, patch_backend, name)
+
+
+def test_xlstm_fused_weight_mode_is_the_packed_shape():
+    """weight_mode="fused": one proj_up_gate_z, split by torch.tensor_split at the intermediate size (the halves).
+    (The whole tiny model does not initialise in that mode: the feed-forward block alone.)"""
+    from transformers.models.xlstm import modeling_xlstm
+
+    from swiglu_hf import patch_report
+    from swiglu_hf.tools import sweep
+
+    cfg = sweep.tiny_config("xlstm", scaled={"weight_mode": "fused", "use_bias": True})
+    torch.manual_seed(0)
+    stock = modeling_xlstm.xLSTMFeedForward(cfg)
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    assert set(patch_report(patched).patched.values()) == {"packed_xlstm"}
+    x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    outs = []
+    for m in (stock, patched):
+        y = m(x)
+        outs.append((y, *torch.autograd.grad(y.square().sum(), (x, *m.parameters()))))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_modernbert_decoder_dropout_between_gate_and_wo_draws_as_stock():
+    """Training mode, mlp_dropout 0.5: the fused forward drops h with stock's RNG draws (eval probes cannot see it)."""
+    from swiglu_hf.tools import sweep
+
+    with sweep._one_thread():
+        stock = sweep.build("modernbert-decoder", config=sweep.tiny_config("modernbert-decoder", scaled={"mlp_dropout": 0.5}))
+        patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+        stock.train(), patched.train()
+        ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(6))
+        runs = []
+        for model in (stock, patched):
+            torch.manual_seed(0)
+            runs.append(_named_run(model, ids))
+    (want_logits, _, want_grads), (logits, _, grads) = runs
+    assert torch.equal(logits, want_logits)
+    assert all(torch.equal(grads[n], g) for n, g in want_grads.items())
+
+
+def test_look_alike_names_are_not_gated_units():
+    """fc1/fc2 and input_linear/output_linear also name plain MLPs and JetMoE's attention experts."""
+    from torch import nn
+
+    from swiglu_hf.recipes import match_recipe
+
+    class PlainMLP(nn.Module):  # CLIP/OPT: fc2(act(fc1 x)), fc1 as wide as fc2's input
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.activation_fn = nn.Linear(8, 16), nn.Linear(16, 8), nn.GELU()
+
+    class Gated(PlainMLP):  # Moshi: fc1 twice as wide
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 32)
+
+    assert match_recipe(PlainMLP()) is None
+    assert match_recipe(Gated())[0].name == "packed_fc"
+    from transformers.models.jetmoe.modeling_jetmoe import JetMoeMoA
+
+    from swiglu_hf.tools import sweep
+
+    assert match_recipe(JetMoeMoA(sweep.tiny_config("jetmoe"))) is None  # no activation, no gate

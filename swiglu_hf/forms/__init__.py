@@ -3,7 +3,10 @@
 from .base import Form
 from .dense import PackedForm, SplitForm
 from .experts import ExpertsForm, use_eager_experts
+from .grouped import ExpertGLUForm, ParallelExpertsForm, StackedForm
 
-FORMS: dict[str, Form] = {f.name: f for f in (SplitForm(), PackedForm(), ExpertsForm())}
+FORMS: dict[str, Form] = {
+    f.name: f for f in (SplitForm(), PackedForm(), ExpertsForm(), ExpertGLUForm(), ParallelExpertsForm(), StackedForm())
+}
 
 __all__ = ["FORMS", "Form", "use_eager_experts"]

@@ -4,8 +4,18 @@
     packed   y = down_proj(act(g) * u),  g, u = gate_up_proj(x).chunk(2)    Phi-3, GLM-4
 
 The gate is any swiglu_hf.gate spec the module's attributes describe (DeepSeek-V4's clamps,
-Falcon-H1's gate multiplier, BitNet's relu²), plus two steps read off the module: a sub-norm
-between the gate and down_proj (BitNet) and an output multiplier (Falcon-H1).
+Falcon-H1's gate multiplier, BitNet's relu²), plus steps a recipe names as optional roles and the
+form applies when the module has them (the probe proves each):
+
+    post         a module between the gate and down_proj (BitNet's and Dory's ffn_sub_norm,
+                 ModernBERT-decoder's dropout)
+    gate_scale,  per-channel vectors times a scalar attribute on a projection's output, before the
+    up_scale,    gate (Dory: gate_proj(x) * (suv_gate * suv_scale))
+    scale
+    adapters,    a ModuleList of per-layer adapters added to the (first) projection's output,
+    adapter_index  selected by forward(x, layer_idx) through a dict layer_idx -> list index (Zamba2)
+
+and an output multiplier (Falcon-H1's down_multiplier).
 
 Both keep the module's own projection submodules, so LoRA wrappers, quantized linears and hooks
 still run; only act(gate) * up is fused (swiglu_hf.gated for the memory modes).
@@ -13,11 +23,15 @@ still run; only act(gate) * up is fused (swiglu_hf.gated for the memory modes).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from ..gated import dense_mlp
 from .base import PROBE_SCALES, Form
+
+_PROBE_LAYERS = 2  # adapter layer indices the probe runs (an adapter and an identity, where both exist)
 
 
 def _in_features(m: nn.Module) -> int | None:
@@ -28,9 +42,9 @@ def _in_features(m: nn.Module) -> int | None:
     return hidden
 
 
-# Extra steps read off the module (and proven by the probe): a module between the gate and down_proj
-# (BitNet's RMSNorm over h), and a scalar on the output (Falcon-H1's mlp_multipliers[1]).
-POST_GATE = "ffn_sub_norm"
+def _declared(m: nn.Module, attr: str) -> int | None:
+    value = getattr(m, attr, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _out_multiplier(module: nn.Module) -> float | None:
@@ -39,8 +53,80 @@ def _out_multiplier(module: nn.Module) -> float | None:
     return float(value) if ok else None
 
 
+def _optional(module: nn.Module, projections: dict, role: str):
+    attr = projections.get(role)
+    return None if attr is None else getattr(module, attr, None)
+
+
+def _adapters(module: nn.Module, projections: dict):
+    """(ModuleList, dict layer_idx -> index) when the recipe names adapters and the module has them."""
+    adapters, index = _optional(module, projections, "adapters"), _optional(module, projections, "adapter_index")
+    if isinstance(adapters, nn.ModuleList) and isinstance(index, dict):
+        return adapters, index
+    return None
+
+
+def _scale(module: nn.Module, projections: dict, role: str):
+    """The per-channel multiplier the recipe names for a projection's output (vector * scalar), or None."""
+    vector, scalar = _optional(module, projections, f"{role}_scale"), _optional(module, projections, "scale")
+    if not isinstance(vector, torch.Tensor):
+        return None
+    return vector, scalar
+
+
+def _projection(module: nn.Module, projections: dict, role: str, layer_idx):
+    """The callable x -> this role's projection output, with the recipe's optional steps."""
+    proj = getattr(module, projections[role])
+    steps = []
+    adapters = _adapters(module, projections) if role == _first_role(projections) else None
+    scale = _scale(module, projections, role)
+    if adapters is None and scale is None:
+        return proj
+    if adapters is not None:
+        steps.append(("adapter", adapters[0][adapters[1][layer_idx]]))
+    if scale is not None:
+        steps.append(("scale", scale))
+    return functools.partial(_project, proj, tuple(steps))
+
+
+def _first_role(projections: dict) -> str:
+    """The role adapters apply to: the packed projection, or the gate."""
+    return "gate_up" if "gate_up" in projections else "gate"
+
+
+def _project(proj, steps, x):
+    y = proj(x)
+    for kind, step in steps:
+        if kind == "adapter":  # as Zamba2: gate_up_proj(x) + adapter(x)
+            y = y + step(x)
+        else:  # as Dory: gate_proj(x) * (suv_gate * suv_scale)
+            vector, scalar = step
+            y = y * (vector if scalar is None else vector * scalar)
+    return y
+
+
 class DenseForm(Form):
     input_roles: tuple[str, ...] = ()
+    optional_roles = ("post", "adapters", "adapter_index")
+
+    def has_structure(self, module, projections):
+        if not super().has_structure(module, {r: projections[r] for r in self.roles}):
+            return False
+        mods = [getattr(module, projections[r]) for r in self.roles]
+        # a projection with stacked (3D) weights is an experts layer (JetMoE's ParallelExperts), not a linear
+        if any(isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() > 2 for m in mods):
+            return False
+        return self._widths_agree(*mods)
+
+    def _widths_agree(self, *mods) -> bool:
+        return True
+
+    def refusal(self, module, projections, act):
+        adapters = _optional(module, projections, "adapters")
+        if adapters is not None and _adapters(module, projections) is None:
+            return (f"it has {projections['adapters']} but no {projections.get('adapter_index')} dict selecting one "
+                    "per layer index")
+        return None
 
     def probe_inputs(self, module, projections, generator):
         hidden = _in_features(getattr(module, projections[self.input_roles[0]]))
@@ -48,16 +134,36 @@ class DenseForm(Form):
         if hidden is None or param is None:
             return []
         x = torch.randn(2, 3, hidden, generator=generator, dtype=torch.float64).to(param.device, param.dtype)
-        return [(s * x,) for s in PROBE_SCALES]
+        adapters = _adapters(module, projections)
+        if adapters is None:
+            return [(s * x,) for s in PROBE_SCALES]
+        # every layer index runs through the same forward: probe one with an adapter and one without
+        by_kind: dict[str, object] = {}
+        for layer_idx, i in adapters[1].items():
+            by_kind.setdefault(type(adapters[0][i]).__name__, layer_idx)
+        layers = list(by_kind.values())[:_PROBE_LAYERS]
+        return [(s * x, layer_idx) for layer_idx in layers for s in PROBE_SCALES]
 
-    def forward(self, module, state, x=None, **kwargs):
-        if x is None and len(kwargs) == 1:  # mlp(x=...) / mlp(hidden_states=...): one input either way
-            (x,) = kwargs.values()
-        elif kwargs or x is None:
-            raise TypeError(f"{type(module).__name__}.forward takes one input tensor, got keyword arguments {sorted(kwargs)}")
+    def forward(self, module, state, x=None, *args, **kwargs):
         p = state.recipe.projections
-        projections = tuple(getattr(module, p[role]) for role in self.input_roles)
-        post = getattr(module, POST_GATE, None)
+        adapters = _adapters(module, p)
+        layer_idx = None
+        if adapters is not None:  # forward(x, layer_idx): the stock signature of the adapter shape
+            if args:
+                (layer_idx,), args = args[:1], args[1:]
+            elif "layer_idx" in kwargs:
+                layer_idx = kwargs.pop("layer_idx")
+        if x is None and len(kwargs) == 1 and not args:  # mlp(x=...) / mlp(hidden_states=...): one input either way
+            (x,) = kwargs.values()
+            kwargs = {}
+        if args or kwargs or x is None:
+            raise TypeError(
+                f"{type(module).__name__}.forward takes one input tensor"
+                + (" and a layer index" if adapters is not None else "")
+                + f", got {len(args)} more positional and keyword arguments {sorted(kwargs)}"
+            )
+        projections = tuple(_projection(module, p, role, layer_idx) for role in self.input_roles)
+        post = _optional(module, p, "post")
         return dense_mlp(module, x, projections, getattr(module, p["down"]), state.activation, state.backend,
                          state.tile_tokens, post=post if isinstance(post, nn.Module) else None,
                          out_mul=_out_multiplier(module))
@@ -65,7 +171,20 @@ class DenseForm(Form):
 
 class SplitForm(DenseForm):
     name, roles, input_roles = "split", ("gate", "up", "down"), ("gate", "up")
+    optional_roles = (*DenseForm.optional_roles, "gate_scale", "up_scale", "scale")
+
+    def _widths_agree(self, gate, up, down):
+        widths = [_declared(gate, "out_features"), _declared(up, "out_features"), _declared(down, "in_features")]
+        known = [w for w in widths if w is not None]
+        return len(set(known)) <= 1
 
 
 class PackedForm(DenseForm):
     name, roles, input_roles = "packed", ("gate_up", "down"), ("gate_up",)
+
+    def _widths_agree(self, gate_up, down):
+        # fc1/fc2 or input_linear/output_linear name plain MLPs too: a packed unit's first projection is
+        # twice as wide as the down projection's input
+        out, inp = _declared(gate_up, "out_features"), _declared(down, "in_features")
+        return out is None or inp is None or out == 2 * inp
+

@@ -192,10 +192,7 @@ def refusal(module: nn.Module, projections: dict, act) -> str | None:
     if isinstance(spec, str):
         return spec
     if gate_fn is not None and gate_fn is not _moe()._default_apply_gate and spec.plain:
-        return (
-            f"{cls}._apply_gate computes its own gating, and no attribute (limit/swiglu_limit, alpha/swiglu_alpha, "
-            "gate_multiplier) says which: e.g. an activation taking (gate, up) together"
-        )
+        return f"{cls}._apply_gate " + _own_gate(module, gate_fn, act)
     bias = _bias(module, projections["gate_up"]), _bias(module, projections["down"])
     if hasattr(module, "has_bias") and bool(module.has_bias) != all(b is not None for b in bias):
         return f"has_bias={module.has_bias} disagrees with the bias parameters found"
@@ -220,6 +217,27 @@ def refusal(module: nn.Module, projections: dict, act) -> str | None:
             f"{', '.join(GATED_IMPLEMENTATIONS)}); switch with model.set_experts_implementation(...) first"
         )
     return None
+
+
+def _own_gate(module, gate_fn, act) -> str:
+    """What a class-specific `_apply_gate` computes, as far as its behaviour on a float64 input shows."""
+    generic = ("computes its own gating, and no attribute (limit/swiglu_limit, alpha/swiglu_alpha, gate_multiplier) "
+               "says which: e.g. an activation taking (gate, up) together")
+    try:
+        x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
+        with torch.no_grad():
+            got = gate_fn(module, x)
+            gate, up = x.chunk(2, dim=-1)
+            upcast = (act(gate.float()) * up.float()).to(x.dtype)
+            plain = act(gate) * up
+    except Exception:  # noqa: BLE001 - a gate we cannot run on its own: the generic reason
+        return generic
+    if isinstance(got, torch.Tensor) and got.shape == upcast.shape and torch.equal(got, upcast) and not torch.equal(got, plain):
+        # Beam: the fused gate rounds act(gate) to the input dtype before the multiply, as eager does for
+        # act(gate) * up; a float32 gate rounds only once (no GateSpec field says so)
+        return ("computes (act(gate.float()) * up.float()).to(dtype): the activation and product in float32, "
+                "rounded once, which no gate spec describes (the fused gate rounds act(gate) to the input dtype first)")
+    return generic
 
 
 def implementation(module: nn.Module) -> str:

@@ -68,7 +68,7 @@ def _liger_mlp(module, recipe):
         return None, f"skipped: {e}{cuda}"
     if not torch.cuda.is_available():
         return None, "skipped: Liger-Kernel's Triton kernels need a CUDA device; this machine has none"
-    if recipe.form != "split":
+    if recipe.form_name != "split":
         return None, "skipped: only the split gate/up form is wired up for Liger here"
     p = recipe.projections
 

@@ -106,8 +106,9 @@ OVERRIDES: dict[str, dict] = {
                    "audio_config": {"adapter_input_size": VISION["hidden_size"], "adapter_out_dim": HIDDEN}},
     "gemma3n_text": _GEMMA3N_TEXT,
     "gemma3n": {"text_config": _GEMMA3N_TEXT},
-    # DBRX's attention reads attn_config.rope_theta, which real checkpoints carry (dbrx-instruct: 500000)
-    "dbrx": {"attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 500000.0}},
+    # DBRX's attention reads attn_config.rope_theta, which real checkpoints carry (dbrx-instruct: 500000), and
+    # clamps qkv with clip_qkv, whose default None makes its clamp(min=None, max=None) raise (dbrx-instruct: 8)
+    "dbrx": {"attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 500000.0, "clip_qkv": 8.0}},
     # one layer of each kind, as layer_types of real checkpoints (LFM2-8B-A1B) list them; first layer dense
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     # rope parameters per layer type (the rotary embedding indexes rope_parameters by layer type)
