@@ -46,6 +46,22 @@ def test_small_multipliers_are_refused_in_every_dtype(dtype, where, mul):
     assert patched_modules(model) == []
 
 
+class UpcastMLP(GatedMLP):
+    """Beam's gate: act and product in float32, rounded once to the input dtype."""
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj((self.act_fn(gate.float()) * up.float()).to(x.dtype))
+
+
+def test_a_unit_computed_in_float32_is_refused_with_that_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(UpcastMLP())
+    with pytest.raises(swiglu_hf.SelfCheckError, match=r"agrees only to about float32 rounding.*act\(gate.float\(\)\)"):
+        apply_swiglu_patch(model, backend="torch")
+    assert patched_modules(model) == []
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Sigmoid(), nn.ReLU()], ids=repr)
 def test_correct_modules_pass_in_every_dtype(dtype, act):

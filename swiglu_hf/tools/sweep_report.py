@@ -51,7 +51,8 @@ def _short(reason: str) -> str:
     """A refusal reason without the module name prefix ("model.layers.0.mlp (Cls) ...")."""
     text = re.sub(r"^[\w.]+ \([\w.]+\):? ", "", reason)
     text = re.sub(r"^same class as: [\w.]+ \([\w.]+\):? ", "", text)  # the probe ran on another instance
-    return text.split(". The module does extra math")[0][:260]
+    text = text.split(". The module does extra math")[0].split("; it was left unpatched")[0]
+    return text.replace("inputs grow in scale to reach clamps; ", "")[:360]
 
 
 def _counts(results) -> str:
