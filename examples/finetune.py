@@ -65,7 +65,12 @@ def main(argv=None):
     args = parse_args(argv)
     # The Accelerator comes first: under a DeepSpeed ZeRO-3 config it registers transformers'
     # HfDeepSpeedConfig, so from_pretrained below builds the model under deepspeed.zero.Init.
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
+    if torch.cuda.is_available():
+        accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
+    else:  # CPU-only box (gloo): accelerate 1.15 needs help to run the config's DDP/FSDP/DeepSpeed for real
+        from swiglu_hf.tools.finetune_run import cpu_accelerator
+
+        accelerator = cpu_accelerator(gradient_accumulation_steps=args.grad_accum)
     set_seed(args.seed)  # LoRA init and the data order
     ds = accelerator.state.deepspeed_plugin
     zero3 = ds is not None and ds.zero_stage == 3
@@ -118,10 +123,17 @@ def main(argv=None):
             loss = model(input_ids=ids, labels=ids).loss
             losses.append(accelerator.gather_for_metrics(loss.detach().repeat(len(ids))))
     eval_loss = torch.cat(losses).mean().item()
-    accelerator.print(f"eval loss {eval_loss:.4f} ({len(held_out)} held-out windows)")
+    accelerator.print(f"eval loss {eval_loss:.4f} ({len(held_out)} held-out windows); "
+                      f"engine {accelerator.distributed_type.value} ({type(model).__name__}), "
+                      f"{accelerator.num_processes} process(es)")
 
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; call on every process
+    if accelerator.device.type == "cpu":  # FSDP's full state dict through accelerate segfaults on CPU
+        from swiglu_hf.tools.finetune_run import full_state_dict
+
+        state_dict = full_state_dict(accelerator, model)
+    else:
+        state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; call on every process
     accelerator.unwrap_model(model).save_pretrained(
         args.out, state_dict=state_dict, is_main_process=accelerator.is_main_process,
         save_function=accelerator.save, safe_serialization=True,

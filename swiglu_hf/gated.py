@@ -23,7 +23,9 @@ backward recomputes gate/up per tile (2 GEMMs; down_proj's forward is not re-run
 the weight gradients over tiles, returning them once, so DDP's per-parameter hooks fire once per
 step. Accumulators are fp32 for 16-bit weights (a bf16 sum of T/N partials would add a rounding per
 tile). Projections that are not all plain nn.Linear use TiledRecompute: it re-runs the fused forward
-per tile under grad and differentiates it (saves x only as well).
+per tile under grad and differentiates it (saves x only as well). Under DeepSpeed ZeRO-3 (partitioned
+parameters) TiledZero3 re-runs it per tile and back-propagates into the parameters through ZeRO's own
+hooks instead of returning their gradients (see its doc).
 "auto" picks N so that one tile's gate + up takes about AUTO_TILE_BYTES:
     N = max(64, floor(AUTO_TILE_BYTES / (2 * I * itemsize) / 64) * 64)
 e.g. I = 14336 in bf16 -> 1152 tokens.
@@ -368,6 +370,66 @@ class TiledRecompute(torch.autograd.Function):
         return (None, None, None, None if dx is None else dx.view(x.shape), *(a.result() for a in acc))
 
 
+def zero3_partitioned(params) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages these parameters (each carries a ds_id). Read at every forward:
+    a model patched before deepspeed.initialize is partitioned only afterwards."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+class TiledZero3(torch.autograd.Function):
+    """y = fn(x) over tiles of tokens when DeepSpeed ZeRO-3 partitions the weights; saves x only.
+
+    ZeRO-3 keeps each weight as an empty shard outside its module's forward and reduces a gradient
+    through a hook on the parameter's grad accumulation, so a Function can neither read the weights
+    in backward nor return their gradients (the weight it was given had shape [0]). Here backward
+    re-runs fn per tile through the modules' own forwards (ZeRO's pre-forward hooks gather the
+    weights) under grad and calls torch.autograd.backward on the tile's output, so the weight
+    gradients reach the parameters through ZeRO's own autograd functions and accumulate in
+    param.grad (autograd sums the tiles in the parameter's dtype). `ds_grad_is_ready = False` on all
+    tiles but the last tells ZeRO not to reduce a partial sum (what DeepSpeed's own
+    runtime.sequence_parallel TiledMLP does). Nothing but x is an input that needs a gradient:
+    `anchor` (an empty tensor requiring grad) makes the output require grad when x does not.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, tile, random, params, x, anchor):
+        x2 = x.reshape(-1, x.shape[-1])
+        y, rngs = None, []
+        for s, e in _tiles(x2.shape[0], tile):
+            rngs.append(_rng_capture(x.device) if random else None)
+            yt = fn(x2[s:e])
+            if y is None:
+                y = yt.new_empty((x2.shape[0], yt.shape[-1]))
+            y[s:e] = yt
+        ctx.fn, ctx.tile, ctx.rngs, ctx.params = fn, tile, rngs, params
+        ctx.amp = _amp_capture(x.device)
+        ctx.save_for_backward(x)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[4]
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx = torch.empty_like(x2) if need_x else None
+        tiles = _tiles(x2.shape[0], ctx.tile)
+        try:
+            for i, ((s, e), rng) in enumerate(zip(tiles, ctx.rngs)):
+                for p in ctx.params:  # ZeRO reduces param.grad once, after the last tile has added to it
+                    p.ds_grad_is_ready = i == len(tiles) - 1
+                leaf = x2[s:e].detach().requires_grad_(need_x)
+                with _rng_replay(rng, x.device), _amp_replay(ctx.amp), torch.enable_grad():
+                    yt = ctx.fn(leaf)
+                if yt.requires_grad:
+                    torch.autograd.backward(yt, dy2[s:e].to(yt.dtype))
+                if need_x:
+                    dx[s:e] = leaf.grad if leaf.grad is not None else 0
+        finally:
+            for p in ctx.params:
+                p.ds_grad_is_ready = True
+        return (None, None, None, None, None if dx is None else dx.view(x.shape), None)
+
+
 # ---- the dense MLP (split and packed forms) ---------------------------------------------
 
 def dense_mlp(module: nn.Module, x, projections, down_proj, activation: str, backend: str, tile_tokens,
@@ -396,7 +458,11 @@ def _dense(module, x, projections, down_proj, activation, backend, tile_tokens, 
         if post is None and all(plain_linear(m) for m in (*projections, down_proj)):
             weights = [t for m in (*projections, down_proj) for t in (m.weight, m.bias)]
             return TiledMLP.apply(activation, backend, tile, x, *weights)
-        return TiledRecompute.apply(plain, tile, random, x, *_trainable(module))
+        params = _trainable(module)
+        if zero3_partitioned(module.parameters()):
+            anchor = None if x.requires_grad else x.new_empty(0).requires_grad_()
+            return TiledZero3.apply(plain, tile, random, params, x, anchor)
+        return TiledRecompute.apply(plain, tile, random, x, *params)
     if not torch.is_grad_enabled():
         return plain(x)
     return down_of_glu(down_proj, tuple(p(x) for p in projections), activation, backend, post)

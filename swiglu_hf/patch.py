@@ -22,7 +22,6 @@ from .errors import (
     InvalidInputError, NoGatedMLPError, NotPicklableError, PatchRefusedWarning, SelfCheckError, SwigluError,
     UnsupportedActivationError, UnsupportedModuleError,
 )
-from .integrations.deepspeed import is_partitioned
 from .options import PatchOptions, patch_everything
 from .probe import run_probe
 from .recipes import Recipe, load_recipes, match_recipe
@@ -39,7 +38,7 @@ class PatchState:
     original: Callable | None  # the instance attribute we replaced; None = the class's forward
     tile_tokens: int | str | None = None  # None: default mode (saves H+2I); int or "auto": tiled (saves H)
     # (form.tiles False: always the default mode)
-    probe_pending: str | None = None  # patched on meta weights: the module name whose probe runs at first forward
+    probe_pending: str | None = None  # patched on meta weights or FSDP shards: the name whose probe runs at first forward
 
     # A bound method of the fused forward cannot be unpickled (pickle stores it as
     # getattr(module, "_fused_forward")): torch.save(model) would write a file torch.load cannot
@@ -111,12 +110,53 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _deferred_probe(module: nn.Module, state: PatchState) -> None:
-    """The probe of a module patched while its weights were on the meta device, at its first real forward.
+    """The probe of a module patched while its weights were on the meta device or FSDP shards, at its
+    first real forward (where FSDP has gathered them).
 
-    Until it passes, every forward raises SelfCheckError: the fused forward never runs unchecked.
+    The fused forward never runs unchecked: if the probe fails, the module gets its stock forward back
+    (as if never patched) and this forward raises SelfCheckError; later forwards run stock.
     """
-    if run_probe(state.probe_pending, module, state):
+    # The probe copies the module and compares with the forward the copy holds: put the one we replaced
+    # back for it (an instance forward or accelerate's _old_forward), else it would probe the fused one.
+    fused = module.__dict__[state.attr]
+    if state.original is None:
+        del module.__dict__[state.attr]
+    else:
+        module.__dict__[state.attr] = state.original
+    try:
+        done = run_probe(state.probe_pending, module, state)
+    except SelfCheckError as err:
+        del module.__dict__[STATE_ATTR]  # stays on its stock forward
+        text = str(err).replace("it was left unpatched", "swiglu_hf put its stock forward back (later forwards run stock)")
+        raise SelfCheckError(text + (_SHARDED_HINT if _sharded_params(module) else "")) from err.__cause__
+    module.__dict__[state.attr] = fused
+    if done:
         state.probe_pending = None
+
+
+_FSDP_CLASSES = ("FullyShardedDataParallel", "FSDPModule")  # FSDP1 wrapper; FSDP2 fully_shard's mixin
+
+
+def _fsdp_units(model: nn.Module) -> list[str]:
+    """Qualified names of the FSDP1/FSDP2 units in `model` ("" for the model itself), by class name (no import)."""
+    return [name for name, m in model.named_modules() if any(c.__name__ in _FSDP_CLASSES for c in type(m).__mro__)]
+
+
+def _under_fsdp(name: str, units: list[str]) -> bool:
+    """Whether the module `name` lies inside (or is) one of the FSDP units: its weights are shards outside forward."""
+    return any(u == "" or name == u or name.startswith(u + ".") for u in units)
+
+
+def _sharded_params(module: nn.Module) -> bool:
+    """DTensor parameters (FSDP2, tensor parallel): the probe cannot run the module's forward on them."""
+    return any(any(c.__name__ == "DTensor" for c in type(p).__mro__) for p in module.parameters())
+
+
+_SHARDED_HINT = (
+    " Its parameters are distributed shards (DTensor / FSDP flat parameters) outside an FSDP-managed forward: "
+    "call apply_swiglu_patch(model) (or build the model inside swiglu_hf.patching()) before accelerator.prepare, "
+    "fully_shard or parallelize_module."
+)
 
 
 def _mlp_like_classes(model: nn.Module) -> list[str]:
@@ -182,13 +222,6 @@ def apply_swiglu_patch(
         raise InvalidInputError(f"apply_swiglu_patch expects a torch.nn.Module, got {type(model).__name__}")
     if backend == "triton":
         ensure_triton(_model_device(model))
-    if tile_tokens is not None and is_partitioned(model):
-        # tiles re-run projections inside backward and return their weight gradients, which ZeRO-3's
-        # partitioned parameters (size 0 outside their module's hooks) cannot take
-        raise InvalidInputError(
-            "tile_tokens is not supported under DeepSpeed ZeRO-3 (partitioned parameters) yet; use the "
-            "default mode (tile_tokens=None), which saves H + 2I per token and works under ZeRO-3"
-        )
     keep = filter_fn or patch_everything
 
     plans, already, refused, filtered = [], [], {}, []
@@ -235,18 +268,25 @@ def apply_swiglu_patch(
             f"experts, 3D weights): {shapes}."
         )
 
+    # Under FSDP (patched after accelerator.prepare / fully_shard) a module's weights are shards except
+    # inside the forward of its FSDP unit, where FSDP has gathered them: the probe runs there, at each
+    # instance's first forward (no collective of ours; every rank probes the same full weights).
+    fsdp = _fsdp_units(model)
     checked, failed, deferred = set(), {}, set()
     for name, module, state in plans:
         key = (type(module), state.recipe.name, state.activation)
         if key not in checked:
             checked.add(key)
             try:
-                if not run_probe(name, module, state):
+                if _under_fsdp(name, fsdp) or not run_probe(name, module, state):
                     deferred.add(key)
             except SelfCheckError as err:
+                hint = _SHARDED_HINT if _sharded_params(module) else ""
                 if strict:
+                    if hint:
+                        raise SelfCheckError(f"{err}{hint}") from err.__cause__
                     raise
-                failed[key] = str(err)
+                failed[key] = f"{err}{hint}"
         if key in deferred:  # no data yet: every instance probes at its own first real forward
             state.probe_pending = name
     if failed:

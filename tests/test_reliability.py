@@ -467,9 +467,10 @@ def test_meta_device_patch_of_a_look_alike_is_refused_at_first_real_forward():
     model.load_state_dict(real.state_dict(), assign=True)
     x = torch.randn(2, 16)
     assert torch.equal(model[0](x), real[0](x))  # the honest class passes its deferred probe
-    for _ in range(2):  # refused every time until reverted: never runs unchecked
-        with pytest.raises(swiglu_hf.SelfCheckError, match="ScaledMLP"):
-            model(x)
+    with pytest.raises(swiglu_hf.SelfCheckError, match="ScaledMLP.*put its stock forward back"):
+        model(x)  # never runs unchecked: the failing probe raises once...
+    assert patched_modules(model) == ["0"]  # ...and puts the look-alike back on its own forward
+    assert torch.equal(model(x), real(x))
     revert_swiglu_patch(model)
     assert torch.equal(model(x), real(x))
 

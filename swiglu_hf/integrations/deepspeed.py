@@ -4,6 +4,9 @@ Anything that reads a ZeRO-3 module's weights outside its own forward must gathe
 patch-time probe does, on the probed module only, and nothing else in swiglu_hf reads weights
 outside a forward. Inside a forward, ZeRO-3's hooks have gathered them already; a down_proj with
 such hooks is not a plain nn.Linear, so the fused forward calls it as stock does (swiglu_hf.gated).
+The tiled mode's backward re-runs the projections' forwards (ZeRO gathers again) and sets
+`ds_grad_is_ready` so ZeRO reduces each weight gradient once, after the last tile
+(swiglu_hf.gated.TiledZero3).
 """
 
 from __future__ import annotations

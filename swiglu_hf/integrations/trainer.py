@@ -7,10 +7,11 @@ The callback patches the model the Trainer trains at `on_train_begin`, before th
 apply_swiglu_patch keyword argument (backend=, filter_fn=, tile_tokens=, strict=; validated when the
 callback is built), and records the patched module names in `patched`. That equals calling
 `apply_swiglu_patch(model)` before `Trainer(...)` only while the Trainer has not yet wrapped or
-sharded the model at on_train_begin: with FSDP or DeepSpeed ZeRO-3 the model the callback sees is
-already wrapped (parameters flattened or partitioned, empty on this rank), so the patch-time probe
-and the module matching see a different model. For those, call apply_swiglu_patch(model) before
-building the Trainer. A model with nothing to patch raises NoGatedMLPError at on_train_begin,
+sharded the model at on_train_begin: with FSDP or DeepSpeed ZeRO-3 the model the callback sees may be
+already wrapped (parameters flattened or partitioned, empty on this rank). ZeRO-3 is handled (the
+probe gathers; tested: tests/test_engines.py trainer_zero3/callback) and FSDP1/FSDP2 shards defer the
+probe to each MLP's first forward (tested through accelerator.prepare, not through the Trainer);
+calling apply_swiglu_patch(model) before building the Trainer is still the plainest order. A model with nothing to patch raises NoGatedMLPError at on_train_begin,
 before any step runs. The patch stays after training (save_pretrained writes the usual state_dict either way); pass revert_at_end=True to
 put the stock forwards back at `on_train_end`.
 """

@@ -75,8 +75,39 @@ def device_name(device) -> str:
     return f"{cpu_name()}, {n} thread{'' if n == 1 else 's'}"
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def engine_requested() -> str | None:
+    """The engine the `accelerate launch --config_file` of this process asked for (from the launcher's
+    environment): "DDP", "FSDP1"/"FSDP2", "DeepSpeed ZeRO-N"; None when not started by accelerate launch."""
+    if launcher() != "accelerate launch":
+        return None
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        return f"DeepSpeed ZeRO-{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
+    if _flag("ACCELERATE_USE_FSDP"):
+        return f"FSDP{os.environ.get('FSDP_VERSION', '1')}"
+    return "DDP"
+
+
+def wrapper(model) -> str:
+    """The engine's wrapper class of a prepared model: what really runs (DistributedDataParallel,
+    FullyShardedDataParallel, FSDPModule, DeepSpeedEngine), or the model's own class when none wraps it."""
+    names = [c.__name__ for c in type(model).__mro__]
+    found = [n for n in ("DeepSpeedEngine", "FullyShardedDataParallel", "FSDPModule", "DistributedDataParallel")
+             if n in names]
+    return "+".join(found) or type(model).__name__
+
+
 def engine(accelerator) -> dict:
-    """The distributed engine accelerate set up: {"name": "none"|"DDP"|"FSDP1"|"FSDP2"|"DeepSpeed ZeRO-N", ...}."""
+    """The distributed engine accelerate set up: {"name": "none"|"DDP"|"FSDP1"|"FSDP2"|"DeepSpeed ZeRO-N",
+    "requested": what the launch config asked for (only under accelerate launch), ...}."""
+    requested = engine_requested()
+    return {**_engine(accelerator), **({"requested": requested} if requested else {})}
+
+
+def _engine(accelerator) -> dict:
     from accelerate.utils import DistributedType
 
     state = accelerator.state

@@ -26,7 +26,7 @@ from swiglu_hf.memory import track_saved
 
 from . import finetune_data as data
 from .finetune import FinetuneConfig
-from .finetune_env import provenance
+from .finetune_env import provenance, wrapper
 from .finetune_memory import PeakMemory, memory_kind, reset_cuda_peak
 from .finetune_model import (
     VariantUnavailable, _variant_model, _zero3, apply_variant, backend_used, build_model, local_tokenizer,
@@ -85,11 +85,8 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float | None:
 
 def save_variant(accelerator, model: nn.Module, out: Path, tokenizer) -> Path:
     """Trained weights (a PEFT model: the adapter only) as safetensors in `out`, loadable by from_pretrained."""
-    from accelerate.utils import DistributedType
-
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    state_dict = accelerator.get_state_dict(model) if sharded else None  # gathers on every process
+    state_dict = full_state_dict(accelerator, model)  # gathers on every process
     unwrapped.save_pretrained(out, state_dict=state_dict, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, safe_serialization=True)
     if tokenizer is not None and accelerator.is_main_process:
@@ -112,6 +109,7 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
     _deepspeed_fill(accelerator, cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    wrapped_by = wrapper(model)
     micro_batches = iter(batches)
     losses, times, cpu_times, saved, memory = [], [], [], None, {}
     for step in range(cfg.steps):
@@ -162,6 +160,7 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
         **memory,
         "saved_activation_bytes": saved,
         "saved_to": saved_to,
+        "wrapped_by": wrapped_by,
     }
 
 
@@ -197,13 +196,70 @@ def make_accelerator(cfg: FinetuneConfig):
         )
     kwargs = dict(mixed_precision=_mixed_precision(cfg, device_type), gradient_accumulation_steps=cfg.grad_accum,
                   dynamo_backend="no")  # an accelerate config's torch.compile would compile stock too
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-    if device_type == "cpu" and deepspeed:
-        # DeepSpeed on CPU (DS_ACCELERATOR=cpu): cpu=True would quietly run DDP instead; gloo must be named
+    return cpu_accelerator(**kwargs) if device_type == "cpu" else Accelerator(**kwargs)
+
+
+def cpu_accelerator(**kwargs):
+    """Accelerator(**kwargs) on CPU processes (gloo) that runs the engine the accelerate config asks for.
+
+    accelerate 1.15 on a CPU-only launch: DDP needs cpu=True (else each process trains alone, unsynchronised);
+    DeepSpeed (DS_ACCELERATOR=cpu) must NOT get cpu=True (it would quietly run DDP) but needs gloo named;
+    FSDP runs as DDP unless switched (_fsdp_on_cpu). examples/finetune.py uses this on a CPU-only box.
+    """
+    from accelerate import Accelerator
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         from accelerate.utils import InitProcessGroupKwargs
 
         return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
-    return Accelerator(cpu=device_type == "cpu", **kwargs)
+    accelerator = Accelerator(cpu=True, **kwargs)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def full_state_dict(accelerator, model) -> dict | None:
+    """The full state dict of a prepared model on every process (DeepSpeed/FSDP gather; None otherwise:
+    save_pretrained takes the model's own). FSDP on CPU goes through torch's get_model_state_dict:
+    accelerator.get_state_dict (FULL_STATE_DICT with offload_to_cpu) segfaults FSDP1 on CPU (torch 2.13)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.device.type == "cpu":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return accelerator.get_state_dict(model)
+    return None
+
+
+FSDP_ON_CPU_NOTICE = ("FSDP on CPU: accelerate enables FSDP only for GPU-like devices and runs an FSDP config as "
+                      "DDP on CPU; swiglu-hf switched the accelerator's state to FSDP (gloo, device cpu) so the "
+                      "config's FSDP really runs (see variants' wrapped_by)")
+
+
+def _fsdp_on_cpu(accelerator) -> bool:
+    """Make an FSDP config run FSDP on a multi-process CPU launch (accelerate 1.15 runs it as DDP there).
+
+    accelerate's AcceleratorState turns ACCELERATE_USE_FSDP into DistributedType.FSDP only for GPU-like
+    distributed types; on CPU (MULTI_CPU, gloo) it keeps DDP. This sets the FSDP plugin the launcher's
+    environment describes and the FSDP type on the (shared) state, with device "cpu" (FSDP1 rejects
+    "cpu:0"); accelerator.prepare then wraps the model in FSDP1/FSDP2 as on GPUs. The same switch runs the
+    FSDP cells of tests/test_engines.py. Returns whether it switched.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or accelerator.num_processes < 2:
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.device = PartialState._shared_state["device"] = torch.device("cpu")
+    return True
 
 
 def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, quiet: bool = False,
@@ -254,8 +310,12 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
         "peak_memory_kind": memory_kind(device), "notices": list(cfg.notices),
         "variants": {}, "skipped": {}, "pending": list(cfg.variants),
     }
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and results["engine"]["name"] == "DDP":
-        results["notices"].append("the accelerate config asks for FSDP, but accelerate runs it as DDP on this device")
+    requested, ran = results["engine"].get("requested"), results["engine"]["name"]
+    if requested and requested != ran and not (requested.startswith("DeepSpeed") and ran.startswith(requested)):
+        results["notices"].append(f"the accelerate config asks for {requested}, but {ran} runs "
+                                  f"({accelerator.num_processes} process(es) on {device.type})")
+    if ran.startswith("FSDP") and device.type == "cpu":
+        results["notices"].append(FSDP_ON_CPU_NOTICE)
     if cfg.model and tokenizer is None:
         results["notices"].append(f"{cfg.model} ships no tokenizer: training on its raw UTF-8 bytes (ids 0-255)")
     say(format_header(results))
@@ -294,4 +354,4 @@ def _task(pretrained: bool, cfg: FinetuneConfig, about_data: dict) -> str:
 
 
 __all__ = ["run", "train_variant", "evaluate", "save_variant", "apply_variant", "build_model", "prepare_base",
-           "VariantUnavailable"]
+           "VariantUnavailable", "cpu_accelerator", "full_state_dict"]

@@ -7,9 +7,11 @@ Engines (several per launch: the accelerate state is reset between them, the pro
 the one the launch config selects is built from it; others from plugins equal to the example configs
 (fsdp2, fsdp1 = use_orig_params, ddp, zero2_acc, zero3_acc). Cells, per engine:
   stock, before (apply_swiglu_patch before accelerator.prepare), after (on accelerator.unwrap_model(model)
-  after prepare), class (`with swiglu_hf.patching(): from_pretrained`). With a DeepSpeed ZeRO-3 config
+  after prepare; under FSDP the weights are shards then, and the patch-time probe waits for each MLP's first
+  forward, where FSDP has gathered them: probes_pending / probes_pending_after count the waiting ones), class (`with swiglu_hf.patching(): from_pretrained`). With a DeepSpeed ZeRO-3 config
   and zero3_init_flag, from_pretrained after Accelerator() builds under deepspeed.zero.Init.
-  FSDP only: stock and before save accelerator.save_state(...) (SHARDED_STATE_DICT); `load` builds a
+  FSDP only: after_bad patches after prepare a model whose first MLP multiplies its output by 1.0001 (its
+  deferred probe must raise SelfCheckError at the first forward). Stock and before save accelerator.save_state(...) (SHARDED_STATE_DICT); `load` builds a
   patched model, prepares it and load_state()s the stock checkpoint; it records whether the two sharded
   checkpoints hold the same keys and values and whether the loaded weights and eval loss equal stock's.
 Data comes through accelerator.prepare(DataLoader): rank r, step s gets rows (s*W + r)*MICRO + [0, MICRO).
@@ -133,6 +135,13 @@ def full_weights(acc, model) -> dict:
     return {C.clean_name(n): p.detach().clone() for n, p in inner.named_parameters()}
 
 
+def pending(model) -> int:
+    """Patched modules whose patch-time probe has not run yet (deferred to their first forward: FSDP shards)."""
+    from swiglu_hf.patch import STATE_ATTR
+
+    return sum(1 for m in model.modules() if getattr(m.__dict__.get(STATE_ATTR), "probe_pending", None) is not None)
+
+
 def wrapped_kind(model) -> str:
     names = [t.__name__ for t in type(model).__mro__]
     return "+".join(n for n in names if n in ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule",
@@ -168,13 +177,18 @@ def cell(acc, ckpt: Path, workdir: Path, order: str, stock_eval: dict) -> dict:
     acc.free_memory()  # drop the previous cell's model/optimizer/engine from the accelerator
     fsdp = acc.distributed_type == DistributedType.FSDP
     model, zero_init = C.load_for_order(ckpt, order, ("before", "load"))
+    if order == "after_bad":  # an MLP whose own forward is not the gated MLP: its deferred probe must refuse
+        import types
+
+        mlp = C.first_mlp(model)
+        mlp.forward = types.MethodType(lambda self, x: type(self).forward(self, x) * 1.0001, mlp)
     opt = torch.optim.AdamW(model.parameters(), lr=C.LR, weight_decay=0.0)
     loader = torch.utils.data.DataLoader(C.all_rows(), batch_size=C.MICRO, shuffle=False)
     model, opt, loader = acc.prepare(model, opt, loader)
     inner = acc.unwrap_model(model)
-    if order == "after":
+    if order in ("after", "after_bad"):
         apply_swiglu_patch(inner)
-    result = {"built_under_zero_init": zero_init, "wrapped": wrapped_kind(model)}
+    result = {"built_under_zero_init": zero_init, "wrapped": wrapped_kind(model), "probes_pending": pending(inner)}
     b0 = C.rank_batch(0)
     if order == "load":
         acc.load_state(str(workdir / "state_stock"))
@@ -207,7 +221,7 @@ def cell(acc, ckpt: Path, workdir: Path, order: str, stock_eval: dict) -> dict:
             ckpt_has_swiglu_keys=any("swiglu" in k for k in b),
         )
     result.update(losses=losses, batches_match=bool(match), weights=full_weights(acc, model),
-                  patched=len(patched_modules(inner)))
+                  patched=len(patched_modules(inner)), probes_pending_after=pending(inner))
     return result
 
 
@@ -223,6 +237,8 @@ def run_engine(matrix, engine: str, ckpt: Path, workdir: Path, orders: list[str]
     orders = list(orders)
     if engine.startswith("fsdp") and "load" not in orders:
         orders.append("load")
+    if engine.startswith("fsdp") and "after" in orders:
+        orders.append("after_bad")
     stock_eval: dict = {}
     engine_dir = workdir / engine
     engine_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 64, 172, 2, 128
 SEQ, MICRO, STEPS, LR = 16, 2, 3, 1e-3
+TILE = 16  # tile_tokens of the *_tiled orders: 2 tiles per MLP call (MICRO * SEQ = 32 tokens per rank)
 TIMEOUT = timedelta(seconds=int(os.environ.get("SWIGLU_DIST_TIMEOUT", "300")))  # collectives: fail, don't hang
 
 
@@ -254,18 +255,25 @@ def describe_keys(g: dict) -> dict:
     return {k: g[k] for k in ("swiglu_frames", "raised_at", "traceback") if k in g}
 
 
+def patch_kwargs(order: str) -> dict:
+    """apply_swiglu_patch keywords of an order: "*_tiled" orders run the tiled mode (tile_tokens=TILE)."""
+    return {"tile_tokens": TILE} if order.endswith("_tiled") else {}
+
+
 def load_for_order(ckpt, order: str, patch_before: tuple[str, ...]):
     """The model for one cell: built inside swiglu_hf.patching() for order "class", patched right after
-    loading for the orders in patch_before. Returns (model, whether ZeRO-3 partitioned it at load)."""
+    loading for the orders in patch_before (an order "X_tiled" as X, in the tiled mode). Returns (model,
+    whether ZeRO-3 partitioned it at load)."""
     import swiglu_hf
     from swiglu_hf.integrations.deepspeed import is_partitioned
 
-    if order == "class":
-        with swiglu_hf.patching():
+    base = order.removesuffix("_tiled")
+    if base == "class":
+        with swiglu_hf.patching(**patch_kwargs(order)):
             model = load_model(ckpt)
     else:
         model = load_model(ckpt)
     zero_init = is_partitioned(model)
-    if order in patch_before:
-        swiglu_hf.apply_swiglu_patch(model)
+    if base in patch_before:
+        swiglu_hf.apply_swiglu_patch(model, **patch_kwargs(order))
     return model, zero_init

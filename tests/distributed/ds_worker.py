@@ -14,6 +14,7 @@ Cells, per engine (stock first; every cell builds a fresh model from the same ch
   before_noinit  ZeRO-3 only: model loaded without zero.Init, patched, then partitioned by initialize
   after          apply_swiglu_patch(engine.module) after deepspeed.initialize
   class          `with swiglu_hf.patching(): model = from_pretrained(...)` (under zero.Init for ZeRO-3)
+  X_tiled        order X with apply_swiglu_patch(..., tile_tokens=common.TILE) (ZeRO-2, ZeRO-3, + offload)
   trainer_zero3: stock Trainer; `callback` (SwigluCallback); `before` (patched before Trainer(...))
 Optimizer: torch AdamW (lr 1e-3, weight_decay 0), fp32, no gradient clipping, 3 steps.
 ZeRO-1/2 run first: a ZeRO-3 engine leaves torch.nn.functional.linear replaced by DeepSpeed's wrapper.
@@ -36,9 +37,10 @@ import common as C  # noqa: E402
 
 ENGINES = {
     "zero1": (1, False, ["stock", "before", "after", "class"]),
-    "zero2": (2, False, ["stock", "before", "after", "class"]),
-    "zero3": (3, False, ["stock", "before", "after", "class", "before_noinit"]),
-    "zero3_offload": (3, True, ["stock", "before", "after", "class"]),
+    "zero2": (2, False, ["stock", "before", "after", "class", "before_tiled"]),
+    "zero3": (3, False, ["stock", "before", "after", "class", "before_noinit", "before_tiled", "after_tiled",
+                         "before_noinit_tiled"]),
+    "zero3_offload": (3, True, ["stock", "before", "after", "class", "before_tiled", "after_tiled"]),
 }
 TRAINER_ORDERS = ["stock", "callback", "before"]
 ACC_ORDERS = ["stock", "before", "after", "class"]
@@ -78,16 +80,14 @@ def ds_cell(ckpt: Path, stage: int, offload: bool, order: str) -> dict:
 
     cfg = ds_config(stage, offload)
     # HfDeepSpeedConfig must stay alive while from_pretrained runs: it makes from_pretrained use zero.Init
-    hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 and order != "before_noinit" else None
+    hf_ds = HfDeepSpeedConfig(cfg) if stage == 3 and not order.startswith("before_noinit") else None
     engine = None
     try:
         model, zero_init = C.load_for_order(ckpt, order, ("before", "before_noinit"))
         opt = torch.optim.AdamW(model.parameters(), lr=C.LR, weight_decay=0.0)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-        if order == "after":
-            apply_swiglu_patch(engine.module)
-        elif order == "after_tiled":  # not in the default matrix: tiled mode (tile_tokens) after initialize
-            apply_swiglu_patch(engine.module, tile_tokens=16)
+        if order.removesuffix("_tiled") == "after":
+            apply_swiglu_patch(engine.module, **C.patch_kwargs(order))
         probe = C.SavedProbe(C.first_mlp(engine.module))
         losses = []
         for step in range(C.STEPS):
@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES))
     ap.add_argument("--orders", default=None,
-                    help="comma list: only these orders (stock always runs); after_tiled is opt-in")
+                    help="comma list: only these orders (stock always runs); extra orders (e.g. before_noinit_tiled) are added")
     args = ap.parse_args()
 
     import deepspeed
