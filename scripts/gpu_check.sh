@@ -220,6 +220,8 @@ step env 10 "$OUT/env.txt" bash -c env_report
 #   tests (a)      N=1024, M %16: silu, gelu_tanh, bf16/fp16, split + packed
 #   tests (d), kernel/mlp benches, finetune: N >= 2048 (one block shape), M %16 and not: bf16 silu
 #   tests (e)/(f)  the tiny models' I, M %16 and not (prompt, decode): bf16, llama/gemma/phi3
+#   tests (g)      N=781, M not %16: the gate specs of tests/test_gpu.py (SPEC_EAGER), bf16/fp16,
+#                  split + packed (interleaved for GPT-OSS)
 cat >"$SCRATCH/warmup.py" <<'PYEOF'
 import os, subprocess, sys, time
 
@@ -240,6 +242,12 @@ def cases():
     out += [("bfloat16", "silu", p, m, 2048) for p in (False, True) for m in (16, 17)]
     out += [("bfloat16", a, p, m, tiny_i) for a, p in (("silu", False), ("gelu_tanh", False), ("silu", True))
             for m in (16, 17)]
+    try:  # gate-spec keys: the values are runtime arguments, so one case per spec covers them
+        from tests.test_gpu import SPEC_EAGER
+        keys = [key for key, _, _ in SPEC_EAGER.values()]
+    except Exception:  # noqa: BLE001 - no test file: warm what the tests would launch anyway
+        keys = []
+    out += [(d, k, p, 17, 781) for d in ("bfloat16", "float16") for k in keys for p in (False, True)]
     return out
 
 

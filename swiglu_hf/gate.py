@@ -11,10 +11,12 @@
 
 Each field is read from the module or its config by the form, never assumed from the family, and
 the patch-time probe confirms the whole spec at input scales beyond any clamp. A spec travels to
-the custom ops as its `key()` string; the plain activations' keys are their names, which is all
-the Triton kernels implement today. The PyTorch path of any spec runs the ops above in the order
-the models write them, and its backward is autograd's over those same ops, so it is bitwise equal
-to stock.
+the custom ops as its `key()` string; the plain activations' keys are their names. The Triton
+kernels implement every spec, forward, backward and backward-with-h (swiglu_hf/kernels.py: each
+field a step of the kernels, absent ones compiled out, each intermediate rounded to the input
+dtype where eager rounds it; interleaved gate/up read in place from the packed tensor). The
+PyTorch path of any spec runs the ops above in the order the models write them, and its backward
+is autograd's over those same ops, so it is bitwise equal to stock.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class GateSpec:
 
     @property
     def plain(self) -> bool:
-        """Only a plain activation and halves: what the Triton kernels and the eager-backward fast path run."""
+        """Only a plain activation over halves, keyed by its name: the PyTorch path runs it through
+        activations.py (the Triton kernels run every spec, plain or not)."""
         return self == GateSpec(self.activation) and self.activation in ACTIVATIONS
 
     def key(self) -> str:

@@ -9,16 +9,48 @@ Backward, recomputing the activation from the saved gate and up (act(gate) is no
 
     du    = round_dtype(dh * a)                     # grad of the `* up` input
     dact  = round_dtype(dh * float32(up))           # grad flowing into act_fn
-    dgate = round_dtype(act'(dact, gate))           # aten::silu_backward & co., fp32 inside
+    dgate = round_dtype(act'(dact, gate))           # aten::silu_backward & co., fp32 inside; except
+                                                    # sigmoid_backward, whose CUDA kernel rounds each
+                                                    # step in fp16/bf16 (see below)
+
+The same kernels run every gate spec (swiglu_hf.gate.GateSpec), each step rounded where the eager
+op that computes it returns a dtype tensor (the scalars as eager converts them: a Python float
+multiplier or alpha is an fp32 operand, a clamp bound is rounded to dtype through fp32):
+
+    g1 = round(gate * gate_mul)                     # gate_mul: Falcon-H1's multiplier
+    gc = min(g1, round(gate_max))                   # clamp(max=); NaN passes
+    uc = clamp(up, -round(up_limit), round(up_limit))
+    a  = act(gc)   relu2: round(relu(gc)^2)         silu_alpha: round(gc * round(sigmoid(round(gc * alpha))))
+    u1 = round(uc + 1)  if up_plus_one  else  uc
+    h  = round(u1 * a)
+
+and backward, op by op as eager autograd forms it (swiglu_hf.gate.backward):
+
+    dact = round(dh * u1);  du = round(dh * a), 0 where up is outside [-lim, lim] (or NaN)
+    dgc  = the activation's backward of dact:      relu2: threshold_backward(round(dact * round(2 r)), r, 0)
+           silu_alpha: round(round(dact * s) + round(sigmoid_backward(round(dact * gc), s) * alpha)),
+           sigmoid_backward(q, s) = round(round(q * round(1 - s)) * s), CUDA's scalar_t arithmetic
+    dg1  = dgc, 0 where not g1 <= round(gate_max);  dgate = round(dg1 * gate_mul)
+
+Absent fields are constexpr None (and UP_PLUS_ONE a constexpr bool), so a plain activation
+compiles to the code it had before specs existed (sigmoid's backward now rounds its steps as
+CUDA's sigmoid_backward does); present ones are fp32 runtime arguments,
+one compiled kernel for every value of a limit or multiplier.
 
 With ACCURATE (compiled on a GPU) the transcendentals are libdevice's expf/erff/tanhf and the
 division is IEEE round-to-nearest, the same functions eager CUDA uses, and the `a + b*c` forms
 that nvcc contracts into FMAs are written as `tl.fma`: that is what makes a bf16/fp16 forward
 bitwise equal to the stock module. The Triton CPU interpreter cannot call libdevice, so there
 ACCURATE is off and the plain `tl` functions run (ulp-level differences, tested by tolerance).
+In fp32 the rounding steps are no-ops and LLVM may contract silu_alpha's `dact * s + ...` into one
+FMA (eager adds two rounded tensors): fp32 is claimed to eager's accuracy, not bitwise.
 
-Tensors are addressed as (rows, cols) with a row stride and unit column stride, so the two
-halves of a packed [.., 2I] gate_up output are read in place. Row offsets are int64.
+Tensors are addressed as (rows, cols) with a row stride and unit column stride, so the two halves
+of a packed [.., 2I] gate_up are read in place. An interleaved spec's gate and up are the even and
+odd columns of the packed tensor (COL = 2): the kernels load a contiguous (BLOCK_M, 2 BLOCK_N)
+tile of it and split it in registers (tl.split), and join dgate/dup into one contiguous store of
+the packed gradient, so every access stays 128-bit wide, in place, with no copy. Row offsets are
+int64.
 """
 
 from __future__ import annotations
@@ -31,7 +63,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "sigmoid": 3, "relu": 4}
+ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "sigmoid": 3, "relu": 4, "relu2": 5, "silu_alpha": 6}
+PLAIN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "sigmoid", "relu")  # activations.ACTIVATIONS
 
 # Compile options of every launch (the interpreter ignores them); tools/compile_check.py compiles
 # with exactly these, so its table and Triton cache entries are the launchers' own.
@@ -134,40 +167,113 @@ def _act_bwd(d, g, a, ACT: tl.constexpr, ACCURATE: tl.constexpr):
         right_derivative = left * tl.fma(-t, t, 1.0)
         inner_derivative = _GELU_TANH_BETA * tl.fma(_GELU_TANH_3KAPPA, g_sq, 1.0)
         return d * tl.fma(right_derivative, inner_derivative, left_derivative)
-    elif ACT == 3:  # aten sigmoid_backward(dy, y): dy * (1 - y) * y, y the saved (rounded) output
-        return d * (1.0 - a) * a
-    else:  # aten threshold_backward(dy, relu(x), 0)
+    else:  # relu (sigmoid, ACT 3, is _sigmoid_bwd): aten threshold_backward(dy, relu(x), 0)
         return tl.where(a <= 0.0, 0.0, d)
+
+
+# ---- gate spec steps: each an identity when its field is None (a constexpr), see the docstring --
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """x rounded to dtype, back in fp32 (a Python float in the interpreter: tl.cast makes it fp32 first)."""
+    return tl.cast(x, dtype).to(tl.float32)
+
+
+@triton.jit
+def _scale(g, gate_mul, dtype: tl.constexpr):
+    if gate_mul is not None:  # eager: dtype tensor * Python float, in fp32 with the scalar as fp32
+        g = _round(g * gate_mul, dtype)
+    return g
+
+
+@triton.jit
+def _clamp_max(g, gate_max, dtype: tl.constexpr):
+    if gate_max is not None:  # aten clamp: bound rounded to dtype, NaN passes
+        hi = _round(gate_max, dtype)
+        g = tl.where(g > hi, hi, g)
+    return g
+
+
+@triton.jit
+def _clamp_sym(u, up_limit, dtype: tl.constexpr):
+    if up_limit is not None:
+        lim = _round(up_limit, dtype)
+        u = tl.where(u < -lim, -lim, tl.where(u > lim, lim, u))
+    return u
+
+
+@triton.jit
+def _gate_act(g, alpha, dtype: tl.constexpr, ACT: tl.constexpr, ACCURATE: tl.constexpr):
+    """act(g) rounded to dtype, as the dtype tensor eager's activation returns."""
+    if ACT == 5:  # relu2: square(relu(g)), pow's base * base
+        r = tl.where(g < 0.0, 0.0, g)
+        return _round(r * r, dtype)
+    elif ACT == 6:  # silu_alpha: g * sigmoid(g * alpha), three dtype tensors
+        s = _round(_act_fwd(_round(g * alpha, dtype), 3, ACCURATE), dtype)
+        return _round(g * s, dtype)
+    else:
+        return _act_fwd(g, ACT, ACCURATE).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _sigmoid_bwd(q, s, dtype: tl.constexpr):
+    """aten sigmoid_backward(q, s) = q * (1 - s) * s, to be rounded to dtype. CUDA computes it in
+    scalar_t arithmetic (each op rounded to fp16/bf16, unlike the opmath kernels), and so does CPU
+    for fp16; for fp32 the roundings are identities."""
+    return _round(q * _round(1.0 - s, dtype), dtype) * s
+
+
+@triton.jit
+def _gate_act_bwd(d, g, a, alpha, dtype: tl.constexpr, ACT: tl.constexpr, ACCURATE: tl.constexpr):
+    """Gradient into the activation's input, in fp32, to be rounded to dtype (gate.backward's ops)."""
+    if ACT == 5:  # pow_backward then threshold_backward(d * round(2 r), r, 0)
+        r = tl.where(g < 0.0, 0.0, g)
+        return tl.where(r <= 0.0, 0.0, _round(d * _round(2.0 * r, dtype), dtype))
+    elif ACT == 6:  # d * s + sigmoid_backward(d * g, s) * alpha: the two paths into g, each rounded
+        s = _round(_act_fwd(_round(g * alpha, dtype), 3, ACCURATE), dtype)
+        sb = _sigmoid_bwd(_round(d * g, dtype), s, dtype)
+        return _round(d * s, dtype) + _round(_round(sb, dtype) * alpha, dtype)
+    elif ACT == 3:
+        return _sigmoid_bwd(d, a, dtype)
+    else:
+        return _act_bwd(d, g, a, ACT, ACCURATE)
+
+
+@triton.jit
+def _load_gate_up(gate_ptr, up_ptr, r, c, M, N, stride_g, stride_u, mask,
+                  COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The gate and up tiles in fp32. COL == 2 (interleaved): gate_ptr is the packed row's start
+    (up_ptr = gate_ptr + 1, unused); one contiguous (BLOCK_M, 2 BLOCK_N) load, split into the even
+    (gate) and odd (up) columns, so the accesses stay 128-bit wide."""
+    if COL == 1:
+        g = tl.load(gate_ptr + r * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
+    else:
+        c2 = (tl.program_id(1) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N))[None, :]
+        x = tl.load(gate_ptr + r * stride_g + c2, mask=(r < M) & (c2 < 2 * N), other=0.0)
+        g, u = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_N, 2)))
+        g = g.to(tl.float32)
+        u = u.to(tl.float32)
+    return g, u
+
+
+@triton.jit
+def _store_interleaved(ptr, r, M, N, stride, even, odd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 even/odd (BLOCK_M, BLOCK_N) tiles, rounded to ptr's dtype, into the even/odd columns of a
+    packed (M, 2N) tensor, one contiguous store."""
+    c2 = (tl.program_id(1) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N))[None, :]
+    x = tl.reshape(tl.join(even, odd), (BLOCK_M, 2 * BLOCK_N)).to(ptr.dtype.element_ty)  # joined in fp32: no 16-bit shuffles
+    tl.store(ptr + r * stride + c2, x, mask=(r < M) & (c2 < 2 * N))
 
 
 @triton.jit
 def _glu_fwd_kernel(
-    gate_ptr,  # (M, N) with row stride stride_g, unit column stride
-    up_ptr,  # (M, N) with row stride stride_u
-    h_ptr,  # (M, N) output, row stride stride_h
+    gate_ptr,  # (M, N), row stride stride_g, unit column stride; COL == 2: the packed (M, 2N) rows
+    up_ptr,  # (M, N), row stride stride_u, unit column stride; COL == 2: unused (gate_ptr + 1)
+    h_ptr,  # (M, N) output, row stride stride_h, unit column stride
     M, N, stride_g, stride_u, stride_h,
-    ACT: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    g = tl.load(gate_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dtype = h_ptr.dtype.element_ty
-    a = _act_fwd(g, ACT, ACCURATE).to(dtype).to(tl.float32)
-    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], (a * u).to(dtype), mask=mask)
-
-
-@triton.jit
-def _glu_bwd_kernel(
-    dh_ptr,  # (M, N) upstream gradient, row stride stride_dh
-    gate_ptr,  # (M, N) saved gate, row stride stride_g
-    up_ptr,  # (M, N) saved up, row stride stride_u
-    dgate_ptr,  # (M, N) output, row stride stride_dg (may be the first half of a packed grad)
-    dup_ptr,  # (M, N) output, row stride stride_du (may be the second half of a packed grad)
-    h_ptr,  # (M, N) output h = act(gate) * up, row stride stride_h; written only if STORE_H
-    M, N, stride_dh, stride_g, stride_u, stride_dg, stride_du, stride_h,
-    ACT: tl.constexpr, ACCURATE: tl.constexpr, STORE_H: tl.constexpr,
+    alpha, gate_mul, gate_max, up_limit,  # fp32, or None (constexpr) when the spec has no such field
+    ACT: tl.constexpr, ACCURATE: tl.constexpr, UP_PLUS_ONE: tl.constexpr, COL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -175,16 +281,69 @@ def _glu_bwd_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     r = rows[:, None]
     c = cols[None, :]
+    g, u = _load_gate_up(gate_ptr, up_ptr, r, c, M, N, stride_g, stride_u, mask, COL, BLOCK_M, BLOCK_N)
+    dtype = h_ptr.dtype.element_ty
+    g = _clamp_max(_scale(g, gate_mul, dtype), gate_max, dtype)
+    u = _clamp_sym(u, up_limit, dtype)
+    a = _gate_act(g, alpha, dtype, ACT, ACCURATE)
+    if UP_PLUS_ONE:
+        u = _round(u + 1.0, dtype)
+    tl.store(h_ptr + r * stride_h + c, (a * u).to(dtype), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(
+    dh_ptr,  # (M, N) upstream gradient, row stride stride_dh, unit column stride
+    gate_ptr,  # (M, N) saved gate, row stride stride_g; COL == 2: the packed (M, 2N) rows, as forward
+    up_ptr,  # (M, N) saved up, row stride stride_u; COL == 2: unused (gate_ptr + 1)
+    dgate_ptr,  # (M, N) output, row stride stride_dg (may be the first half of a packed grad);
+    #             COL == 2: the packed (M, 2N) gradient, dgate and dup interleaved
+    dup_ptr,  # (M, N) output, row stride stride_du (may be the second half); COL == 2: unused
+    h_ptr,  # (M, N) output h = act(gate) * up, row stride stride_h; written only if STORE_H
+    M, N, stride_dh, stride_g, stride_u, stride_dg, stride_du, stride_h,
+    alpha, gate_mul, gate_max, up_limit,  # fp32, or None (constexpr) when the spec has no such field
+    ACT: tl.constexpr, ACCURATE: tl.constexpr, UP_PLUS_ONE: tl.constexpr, COL: tl.constexpr,
+    STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    r = rows[:, None]
+    c = cols[None, :]
     dh = tl.load(dh_ptr + r * stride_dh + c, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + r * stride_g + c, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + r * stride_u + c, mask=mask, other=0.0).to(tl.float32)
+    g, u = _load_gate_up(gate_ptr, up_ptr, r, c, M, N, stride_g, stride_u, mask, COL, BLOCK_M, BLOCK_N)
     dtype = dgate_ptr.dtype.element_ty
-    a = _act_fwd(g, ACT, ACCURATE).to(dtype).to(tl.float32)
-    dact = (dh * u).to(dtype).to(tl.float32)
-    if STORE_H:  # the recomputed forward output, for down_proj's weight gradient
-        tl.store(h_ptr + r * stride_h + c, (a * u).to(dtype), mask=mask)
-    tl.store(dup_ptr + r * stride_du + c, (dh * a).to(dtype), mask=mask)
-    tl.store(dgate_ptr + r * stride_dg + c, _act_bwd(dact, g, a, ACT, ACCURATE).to(dtype), mask=mask)
+    g1 = _scale(g, gate_mul, dtype)
+    gc = _clamp_max(g1, gate_max, dtype)
+    u1 = _clamp_sym(u, up_limit, dtype)
+    a = _gate_act(gc, alpha, dtype, ACT, ACCURATE)
+    if UP_PLUS_ONE:
+        u1 = _round(u1 + 1.0, dtype)
+    dact = (dh * u1).to(dtype).to(tl.float32)
+    if STORE_H and COL == 1:  # the recomputed forward output, for down_proj's weight gradient
+        tl.store(h_ptr + r * stride_h + c, (a * u1).to(dtype), mask=mask)
+    # (each store's address before its value, the order of the plain kernels before specs: the
+    # same PTX for them, instruction for instruction)
+    if COL == 1:
+        dup_offsets = dup_ptr + r * stride_du + c
+    du = dh * a
+    if up_limit is not None:  # clamp's backward: zero outside [-lim, lim] and where up is NaN
+        lim = _round(up_limit, dtype)
+        du = tl.where((u >= -lim) & (u <= lim), du, 0.0)
+    if COL == 1:
+        tl.store(dup_offsets, du.to(dtype), mask=mask)
+        dgate_offsets = dgate_ptr + r * stride_dg + c
+    dg = _gate_act_bwd(dact, gc, a, alpha, dtype, ACT, ACCURATE)
+    if gate_max is not None:
+        dg = tl.where(g1 <= _round(gate_max, dtype), dg, 0.0)
+    if gate_mul is not None:
+        dg = _round(dg, dtype) * gate_mul
+    if COL == 1:
+        tl.store(dgate_offsets, dg.to(dtype), mask=mask)
+    else:  # dgate_ptr is the packed gradient's row start (dup_ptr = dgate_ptr + 1, unused)
+        _store_interleaved(dgate_ptr, r, M, N, stride_dg, dg, du, BLOCK_M, BLOCK_N)
+        if STORE_H:  # last here: stored before the joined gradient, ptxas spilled (fp16/bf16 relu)
+            tl.store(h_ptr + r * stride_h + c, (a * u1).to(dtype), mask=mask)
 
 
 def _blocks(n_cols: int) -> tuple[int, int]:
@@ -195,8 +354,40 @@ def _blocks(n_cols: int) -> tuple[int, int]:
     return max(1, tile // block_n), block_n
 
 
-def glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, activation: str) -> None:
-    """out = act(gate) * up for 2-D (rows, cols) tensors with unit column stride."""
+def spec_args(spec) -> dict:
+    """The kernels' spec arguments: `spec` is a plain activation name or a GateSpec (read by its
+    fields, so that this module imports nothing of swiglu_hf). Absent fields are None."""
+    if isinstance(spec, str):
+        return {"alpha": None, "gate_mul": None, "gate_max": None, "up_limit": None,
+                "ACT": ACT_IDS[spec], "UP_PLUS_ONE": False}
+
+    def number(v):
+        return None if v is None else float(v)
+
+    if spec.activation == "silu_alpha" and spec.alpha is None:
+        raise ValueError("silu_alpha needs alpha")
+    return {"alpha": number(spec.alpha) if spec.activation == "silu_alpha" else None,
+            "gate_mul": number(spec.gate_mul), "gate_max": number(spec.gate_max),
+            "up_limit": number(spec.up_limit), "ACT": ACT_IDS[spec.activation],
+            "UP_PLUS_ONE": bool(spec.up_plus_one)}
+
+
+def _col(n: int, *pairs: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """COL for (gate, up)-like pairs of n columns: 1 (unit column stride), or 2 when each pair is
+    the even/odd columns of one packed tensor (up one element after gate, same row stride)."""
+    strides = [t.stride(1) for pair in pairs for t in pair]
+    if n == 1 or all(s == 1 for s in strides):
+        return 1
+    for a, b in pairs:
+        if not (a.stride(1) == b.stride(1) == 2 and a.stride(0) == b.stride(0)
+                and b.data_ptr() == a.data_ptr() + a.element_size()):
+            raise ValueError(f"column strides {strides}: the kernels take unit strides, or interleaved pairs")
+    return 2
+
+
+def glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, spec) -> None:
+    """out = the gate of `spec` (a plain activation name or a GateSpec) for 2-D (rows, cols)
+    tensors; gate and up have column stride 1, or both 2 (interleaved views), out stride 1."""
     M, N = gate.shape
     if M == 0 or N == 0:
         return
@@ -204,13 +395,14 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, activation:
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _glu_fwd_kernel[grid](
         gate, up, out, M, N, gate.stride(0), up.stride(0), out.stride(0),
-        ACT=ACT_IDS[activation], ACCURATE=not INTERPRET, BLOCK_M=block_m, BLOCK_N=block_n,
-        **LAUNCH_OPTIONS,
+        **spec_args(spec), ACCURATE=not INTERPRET, COL=_col(N, (gate, up)),
+        BLOCK_M=block_m, BLOCK_N=block_n, **LAUNCH_OPTIONS,
     )
 
 
-def glu_bwd(dh, gate, up, dgate, dup, activation: str, h=None) -> None:
-    """dgate, dup = grads of act(gate) * up, written into the given 2-D outputs.
+def glu_bwd(dh, gate, up, dgate, dup, spec, h=None) -> None:
+    """dgate, dup = grads of the gate of `spec` (a name or a GateSpec), written into the given 2-D
+    outputs; gate, up, dgate and dup share a column stride of 1, or 2 (interleaved views).
 
     With `h`, the same pass also writes h = act(gate) * up (bitwise the forward's value): a
     backward that recomputes h for down_proj's weight gradient then reads gate and up once.
@@ -224,6 +416,6 @@ def glu_bwd(dh, gate, up, dgate, dup, activation: str, h=None) -> None:
         dh, gate, up, dgate, dup, dgate if h is None else h, M, N,
         dh.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
         0 if h is None else h.stride(0),
-        ACT=ACT_IDS[activation], ACCURATE=not INTERPRET, STORE_H=h is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, **LAUNCH_OPTIONS,
+        **spec_args(spec), ACCURATE=not INTERPRET, COL=_col(N, (gate, up), (dgate, dup)),
+        STORE_H=h is not None, BLOCK_M=block_m, BLOCK_N=block_n, **LAUNCH_OPTIONS,
     )

@@ -2,9 +2,13 @@
 
 Two forms share one implementation:
   glu(gate, up)   gate and up are separate tensors of equal shape (.., I)
-  glu_packed(x)   x is (.., 2I) with the gate in the first half (Phi-3, the seed's chunk form);
-                  both halves are read in place, and the gradient is written into one (.., 2I)
-                  buffer, so neither direction copies a half.
+  glu_packed(x)   x is (.., 2I) with the gate in the first half (Phi-3, the seed's chunk form), or
+                  in the even columns for an interleaved spec (GPT-OSS); gate and up are read in
+                  place, and the gradient is written into one (.., 2I) buffer in the same layout,
+                  so neither direction copies a half.
+
+`activation` is a gate-spec key (swiglu_hf.gate): a plain activation's name, or a spec with
+clamps, alpha, up + 1, a multiplier or the interleaved layout. The Triton kernels run every spec.
 
 `backend` ("triton" or "torch", already resolved by swiglu_hf.backend.resolve) picks the Triton
 kernels (CUDA, or CPU under TRITON_INTERPRET=1) or the PyTorch path, which runs the same aten ops
@@ -27,10 +31,11 @@ from .activations import act_backward, act_forward
 from .errors import BackendUnavailableError
 
 
-def _rows(t: Tensor) -> Tensor:
-    """(.., n) -> (rows, n) with unit column stride; a view whenever the layout allows it."""
+def _rows(t: Tensor, col: int = 1) -> Tensor:
+    """(.., n) -> (rows, n) with column stride 1 (or `col`, for interleaved views); a view whenever
+    the layout allows it."""
     shape = (math.prod(t.shape[:-1]), t.shape[-1])  # explicit: view(-1, 0) is ambiguous
-    if t.stride(-1) != 1 and t.numel() > 1:
+    if t.stride(-1) not in (1, col) and t.numel() > 1:
         t = t.contiguous()
     try:
         return t.view(shape)
@@ -47,11 +52,39 @@ def _halves(x: Tensor, activation: str = "") -> tuple[Tensor, Tensor]:
 
 
 def kernel_gate(activation: str) -> bool:
-    """Whether the Triton kernels implement this gate (a plain activation over halves)."""
+    """Whether the Triton kernels implement this gate: every spec key (swiglu_hf.gate), plain or not."""
+    if "|" not in activation:
+        return activation in gate_spec.SPEC_ACTIVATIONS
+    try:
+        return gate_spec.parse(activation).activation in gate_spec.SPEC_ACTIVATIONS
+    except (TypeError, ValueError):
+        return False
+
+
+def _plain(activation: str) -> bool:
+    """A plain activation over halves: the PyTorch path runs it through activations.py."""
     return "|" not in activation and activation in gate_spec.ACTIVATIONS
 
 
-_plain = kernel_gate
+def _kernel_spec(activation: str):
+    """What kernels.glu_fwd / glu_bwd take: the name of a plain activation, else the GateSpec."""
+    return activation if _plain(activation) else gate_spec.parse(activation)
+
+
+def _interleaved(activation: str) -> bool:
+    return "|" in activation and gate_spec.parse(activation).interleaved
+
+
+def _col(activation: str) -> int:
+    return 2 if _interleaved(activation) else 1
+
+
+def _packed_rows(x: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """(gate, up) of a packed tensor as 2-D (rows, n) views: halves, or strided even/odd columns."""
+    if _interleaved(activation):
+        x2 = _rows(x)
+        return x2[:, 0::2], x2[:, 1::2]
+    return tuple(_rows(t) for t in _halves(x, activation))
 
 
 def _on_device(t: Tensor):
@@ -59,18 +92,39 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _check_kernel_gate(activation: str) -> None:
+    if not kernel_gate(activation):
+        raise BackendUnavailableError(f"the Triton kernels do not implement the gate {activation!r}; use backend='torch' or 'auto'")
+
+
 def _fwd_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
-    if not _plain(activation):
-        if backend == "triton":
-            raise BackendUnavailableError(f"the Triton kernels do not implement the gate {activation!r} yet; use backend='torch' or 'auto'")
-        return gate_spec.apply(gate_spec.parse(activation), gate, up)
+    """The split form: gate and up separate (any layout: copied to unit column stride if need be)."""
     if backend != "triton":
-        return act_forward(activation, gate) * up
+        return _torch_fwd(gate, up, activation)
+    _check_kernel_gate(activation)
+    return _triton_fwd(_rows(gate), _rows(up), gate.shape, activation)
+
+
+def _packed_fwd(x: Tensor, activation: str, backend: str) -> Tensor:
+    """The packed form: gate and up read in place from x, halves or interleaved."""
+    if backend != "triton":
+        return _torch_fwd(*_halves(x, activation), activation)
+    _check_kernel_gate(activation)
+    return _triton_fwd(*_packed_rows(x, activation), (*x.shape[:-1], x.shape[-1] // 2), activation)
+
+
+def _torch_fwd(gate: Tensor, up: Tensor, activation: str) -> Tensor:
+    if not _plain(activation):
+        return gate_spec.apply(gate_spec.parse(activation), gate, up)
+    return act_forward(activation, gate) * up
+
+
+def _triton_fwd(gate2d: Tensor, up2d: Tensor, shape, activation: str) -> Tensor:
     from . import kernels
 
-    h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    with _on_device(gate):
-        kernels.glu_fwd(_rows(gate), _rows(up), _rows(h), activation)
+    h = torch.empty(shape, dtype=gate2d.dtype, device=gate2d.device)
+    with _on_device(gate2d):
+        kernels.glu_fwd(gate2d, up2d, _rows(h), _kernel_spec(activation))
     return h
 
 
@@ -83,13 +137,22 @@ def _torch_bwd(dh, gate, up, activation: str, with_h: bool = False):
     return (act * up, *grads) if with_h else grads
 
 
-def _triton_bwd(dh, gate, up, dgate, dup, activation: str, h=None) -> None:
-    """Writes the grads of act(gate) * up into dgate and dup (fresh buffers or views of one)."""
+def _triton_bwd(dh, gate, up, dgate, dup, activation: str, h=None, col: int = 1) -> None:
+    """Writes the grads of the gate into dgate and dup (fresh buffers or views of one). Split form:
+    tensors of any layout (copied to unit column stride if need be); packed forms: 2-D views, of
+    column stride `col` = 2 for an interleaved spec."""
     from . import kernels
 
+    _check_kernel_gate(activation)
     with _on_device(gate):
-        kernels.glu_bwd(_rows(dh), _rows(gate), _rows(up), _rows(dgate), _rows(dup), activation,
-                        None if h is None else _rows(h))
+        kernels.glu_bwd(_rows(dh), _rows(gate, col), _rows(up, col), _rows(dgate, col), _rows(dup, col),
+                        _kernel_spec(activation), None if h is None else _rows(h))
+
+
+def _packed_grad(x: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """A fresh (.., 2I) gradient buffer and its (dgate, dup) 2-D views in the spec's layout."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return (dx, *_packed_rows(dx, activation))
 
 
 # ---- split form -------------------------------------------------------------------------
@@ -141,7 +204,7 @@ glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup)
 # ---- packed form ------------------------------------------------------------------------
 
 def _glu_packed_fwd_impl(x: Tensor, activation: str, backend: str) -> Tensor:
-    return _fwd_impl(*_halves(x, activation), activation, backend)
+    return _packed_fwd(x, activation, backend)
 
 
 def _glu_packed_fake(x, activation, backend):
@@ -154,15 +217,13 @@ glu_packed_fwd.register_fake(_glu_packed_fake)
 
 
 def _glu_packed_bwd_impl(dh: Tensor, x: Tensor, activation: str, backend: str) -> Tensor:
-    if not _plain(activation):
-        spec = gate_spec.parse(activation)
-        return gate_spec.interleave(*gate_spec.backward(spec, dh, *_halves(x, activation)), spec)
-    gate, up = _halves(x)
     if backend != "triton":
-        return torch.cat(_torch_bwd(dh, gate, up, activation), dim=-1)  # as stock's chunk backward
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dgate, dup = _halves(dx)
-    _triton_bwd(dh, gate, up, dgate, dup, activation)
+        if not _plain(activation):
+            spec = gate_spec.parse(activation)
+            return gate_spec.interleave(*gate_spec.backward(spec, dh, *_halves(x, activation)), spec)
+        return torch.cat(_torch_bwd(dh, *_halves(x), activation), dim=-1)  # as stock's chunk backward
+    dx, dgate, dup = _packed_grad(x, activation)
+    _triton_bwd(dh, *_packed_rows(x, activation), dgate, dup, activation, col=_col(activation))
     return dx
 
 
@@ -203,7 +264,7 @@ glu_fwd_recompute.register_fake(_glu_fake)
 
 
 def _glu_packed_fwd_recompute_impl(x: Tensor, activation: str, backend: str) -> Tensor:
-    return _fwd_impl(*_halves(x, activation), activation, backend)
+    return _packed_fwd(x, activation, backend)
 
 
 glu_packed_fwd_recompute = torch.library.custom_op("swiglu_hf::glu_packed_fwd_recompute", mutates_args=())(_glu_packed_fwd_recompute_impl)
@@ -242,17 +303,16 @@ def _(dh, gate, up, activation, backend):
 
 
 def _glu_packed_bwd_with_h_impl(dh: Tensor, x: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
-    if not _plain(activation):
-        spec = gate_spec.parse(activation)
-        h, d_gate, d_up = gate_spec.backward(spec, dh, *_halves(x, activation), with_h=True)
-        return h, gate_spec.interleave(d_gate, d_up, spec)
-    gate, up = _halves(x)
     if backend != "triton":
-        h, dgate, dup = _torch_bwd(dh, gate, up, activation, with_h=True)
+        if not _plain(activation):
+            spec = gate_spec.parse(activation)
+            h, d_gate, d_up = gate_spec.backward(spec, dh, *_halves(x, activation), with_h=True)
+            return h, gate_spec.interleave(d_gate, d_up, spec)
+        h, dgate, dup = _torch_bwd(dh, *_halves(x), activation, with_h=True)
         return h, torch.cat((dgate, dup), dim=-1)
-    h = torch.empty(gate.shape, dtype=x.dtype, device=x.device)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _triton_bwd(dh, gate, up, *_halves(dx), activation, h=h)
+    h = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
+    dx, dgate, dup = _packed_grad(x, activation)
+    _triton_bwd(dh, *_packed_rows(x, activation), dgate, dup, activation, h=h, col=_col(activation))
     return h, dx
 
 

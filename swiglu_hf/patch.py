@@ -173,12 +173,7 @@ def _candidate(name: str, module: nn.Module, recipe: Recipe, act, backend: str) 
     spec = recipe.form.gate(module, recipe.projections, act)
     if isinstance(spec, str):
         raise UnsupportedActivationError(f"{name} ({cls}): {spec}")
-    if backend == "triton" and not spec.plain:
-        raise UnsupportedActivationError(
-            f"{name} ({cls}) gates as {spec.describe()}, which the Triton kernels do not implement yet; "
-            "use backend='auto' (the PyTorch path runs it) or 'torch'"
-        )
-    return spec.key()
+    return spec.key()  # every spec the forms read has Triton kernels (ops.kernel_gate)
 
 
 _STRICT_HINT = (

@@ -127,3 +127,52 @@ def assert_as_accurate_as_stock(fused, stock, ref, what=""):
     limit = FACTOR * max_err(stock, ref) + FLOOR_ULPS * torch.finfo(fused.dtype).eps * scale
     err = max_err(fused, ref)
     assert err <= limit, f"{what}: fused error {err:.3e} > limit {limit:.3e} (stock error {max_err(stock, ref):.3e})"
+
+
+# ---- gate specs (swiglu_hf.gate.GateSpec, read by its fields only) -------------------------
+#
+#     g = gate * gate_mul;  g = min(g, gate_max);  u = clamp(up, -up_limit, up_limit)
+#     a = act(g)  relu2: max(g, 0)^2   silu_alpha: g * sigmoid(alpha g)
+#     h = (u + 1) * a  if up_plus_one  else  u * a
+#
+# Clamps are written with `where` so that float64 autograd gives clamp's derivative convention
+# (1 where gate <= gate_max and -up_limit <= up <= up_limit, 0 elsewhere and where NaN).
+
+def ref_spec_act(x: torch.Tensor, spec) -> torch.Tensor:
+    x = x.double()
+    if spec.activation == "relu2":
+        return torch.where(x > 0, x, torch.zeros_like(x)) ** 2
+    if spec.activation == "silu_alpha":
+        return x * _sigmoid(spec.alpha * x)
+    if spec.activation in ("silu", "sigmoid"):  # differentiable forms of ref_act
+        return x * _sigmoid(x) if spec.activation == "silu" else _sigmoid(x)
+    if spec.activation == "gelu":
+        return 0.5 * x * _one_plus_erf(x / _SQRT2)
+    if spec.activation == "gelu_tanh":
+        return 0.5 * x * _one_plus_tanh(_SQRT_2_OVER_PI * (x + _KAPPA * x**3))
+    if spec.activation == "relu":
+        return torch.where(x > 0, x, torch.zeros_like(x))
+    raise ValueError(spec.activation)
+
+
+def ref_spec_glu(gate, up, spec):
+    """h of the spec in float64, differentiable (inputs may require grad)."""
+    g, u = gate, up
+    if spec.gate_mul is not None:
+        g = g * spec.gate_mul
+    if spec.gate_max is not None:
+        g = torch.where(g > spec.gate_max, torch.full_like(g, spec.gate_max), g)
+    if spec.up_limit is not None:
+        lim = spec.up_limit
+        u = torch.where(u > lim, torch.full_like(u, lim), torch.where(u < -lim, torch.full_like(u, -lim), u))
+    a = ref_spec_act(g, spec)
+    return (u + 1 if spec.up_plus_one else u) * a
+
+
+def ref_spec_grads(dh, gate, up, spec):
+    """(h, dgate, dup) of the spec for upstream dh, in float64 (autograd over ref_spec_glu)."""
+    g = gate.detach().double().requires_grad_()
+    u = up.detach().double().requires_grad_()
+    h = ref_spec_glu(g, u, spec)
+    dg, du = torch.autograd.grad(h, (g, u), dh.detach().double())
+    return h.detach(), dg, du

@@ -29,6 +29,12 @@ cores. Hence:
 * sm_80 and sm_100, reduced: each of the 45 once, the block shape rotating so that all 8 appear;
 * sm_90 unaligned (no divisibility hints: scalar accesses, 16 addresses a tensor), each of the 45
   once with BLOCK_N rotating through 1..2048; and the M == 1 (decode) forward, one per activation;
+* gate specs (cc.SPEC_GATES: GPT-OSS's interleaved silu_alpha with clamps and up + 1, MiniMax-M3's
+  over halves, DeepSeek-V4's clamped silu, Falcon-H1's multiplied silu, BitNet's relu2), sm_90:
+  GPT-OSS's in every dtype and kernel, the others each kernel once with the dtype rotating, BLOCK_N
+  rotating through 2048/64/16, and GPT-OSS's unaligned (odd N) once per kernel: 24, ~15 s of CPU.
+  The same checks apply; the interleaved loads and stores are 128-bit too (one contiguous tile of
+  the packed row, split in registers);
 * 4 negative controls, and one known spill (N < 16 unaligned relu backward, KNOWN_SPILL, xfail).
 Measured cold (fresh TRITON_CACHE_DIR): 325 s of CPU (~0.65 s a specialization), i.e. ~2.7 minutes
 on 2 idle cores; 12 minutes wall on the shared 2-core box it was written on (load average 7-9).
@@ -66,6 +72,15 @@ MATRIX = (
     + _rotated(FULL_ARCH, tuple(2**i for i in range(12)), aligned=False)  # 45: BLOCK_N 1..2048, scalar accesses
     + [Spec("fwd", FULL_ARCH, cc.DTYPES[i % 3], a, 2048, m=1) for i, a in enumerate(cc.ACTIVATIONS)]  # decode
 )
+GPT_OSS = cc.SPEC_GATES[0]
+SPEC_MATRIX = (
+    [Spec(k, FULL_ARCH, d, GPT_OSS, (2048, 64, 16)[i % 3]) for i, (d, k) in
+     enumerate((d, k) for d in cc.DTYPES for k in cc.KERNELS)]  # 9
+    + [Spec(k, FULL_ARCH, cc.DTYPES[(i + j) % 3], key, (2048, 64, 16)[(i + j) % 3])
+       for i, key in enumerate(cc.SPEC_GATES[1:]) for j, k in enumerate(cc.KERNELS)]  # 12
+    + [Spec(k, FULL_ARCH, "bf16", GPT_OSS, 64, aligned=False) for k in cc.KERNELS]  # 3: N = 63
+)
+MATRIX = MATRIX + SPEC_MATRIX
 # Negative controls: the checks must catch what they are meant to catch.
 CONTROL_FAST_EXP = Spec("fwd", 90, "fp32", "silu", 2048, accurate=False)
 CONTROL_FAST_DIV = Spec("fwd", 90, "fp32", "gelu_tanh", 2048, accurate=False)
@@ -111,12 +126,15 @@ def _fail(bad):
 def test_matrix_is_what_the_launchers_produce(monkeypatch):
     from swiglu_hf import kernels
 
-    assert set(cc.ACTIVATIONS) == set(kernels.ACT_IDS)
+    assert cc.ACTIVATIONS == kernels.PLAIN_ACTIVATIONS
+    assert set(cc.ACTIVATIONS + cc.SPEC_ACTIVATIONS) == set(kernels.ACT_IDS)
+    assert {cc.base_activation(k) for k in cc.SPEC_GATES} >= set(cc.SPEC_ACTIVATIONS)
     monkeypatch.setattr(kernels, "INTERPRET", False)  # the GPU path's tile, as on a CUDA device
     shapes = {kernels._blocks(n) for n in range(1, 20000)}
     assert {(bm, bn) for bm, bn in shapes if bn >= 16} == {(2048 // bn, bn) for bn in cc.BLOCK_NS}
     assert all(bm * bn == cc.TILE for bm, bn in shapes)
-    full = {(s.kernel, s.dtype, s.activation, s.block_n) for s in MATRIX if s.arch == FULL_ARCH and s.aligned}
+    full = {(s.kernel, s.dtype, s.activation, s.block_n) for s in MATRIX
+            if s.arch == FULL_ARCH and s.aligned and s.activation in cc.ACTIVATIONS}
     assert len(full) == len(cc.KERNELS) * len(cc.DTYPES) * len(cc.ACTIVATIONS) * len(cc.BLOCK_NS) == 360
 
 

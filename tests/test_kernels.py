@@ -237,17 +237,21 @@ def test_forward_rounds_act_to_fp16_before_up(activation, packed):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_backward_rounds_dh_times_up_to_fp16(packed):
-    """sigmoid, whose backward is plain fp32 arithmetic on the rounded activation a (no fma, no exp):
+    """sigmoid, whose backward is arithmetic on the rounded activation a (no fma, no exp). aten's
+    sigmoid_backward computes in the tensor dtype on CUDA (and on CPU for fp16), each step rounded:
 
-        dact  = round16(dh * u)                 dgate = round16(dact * (1 - a) * a)
+        dact  = round16(dh * u)                 dgate = round16(round16(dact * round16(1 - a)) * a)
         dup   = round16(dh * a)                 a     = round16(sigmoid32(g))
 
-    dgate must equal that bitwise, and differ from the same formula with dact left unrounded."""
+    dgate must equal eager's own sigmoid_backward on those fp16 tensors bitwise, and differ from the
+    same formula computed in fp32 with dact left unrounded."""
     gate, up, dh = _rounding_inputs(11)
-    a = _act32(gate, "sigmoid").half().float()
-    dact = (dh.float() * up.float()).half().float()
-    eager_order = (dact * (1.0 - a) * a).half()
-    unrounded = (dh.float() * up.float() * (1.0 - a) * a).half()
+    a = _act32(gate, "sigmoid").half()
+    dact = (dh.float() * up.float()).half()
+    eager_order = torch.ops.aten.sigmoid_backward(dact, a)
+    stepwise = ((dact.float() * (1.0 - a.float()).half().float()).half().float() * a.float()).half()
+    assert torch.equal(_bits(eager_order), _bits(stepwise)), "CPU fp16 sigmoid_backward is not the stepwise form"
+    unrounded = (dh.float() * up.float() * (1.0 - a.float()) * a.float()).half()
     differ = eager_order != unrounded
     assert differ.float().mean() > 0.01, "the inputs do not exercise the intermediate rounding"
     if packed:
@@ -255,8 +259,8 @@ def test_backward_rounds_dh_times_up_to_fp16(packed):
         dgate, dup = dx.chunk(2, dim=-1)
     else:
         dgate, dup = ops.glu_bwd(dh, gate, up, "sigmoid", "triton")
-    same = torch.equal(_bits(dup.contiguous()), _bits((dh.float() * a).half()))
+    same = torch.equal(_bits(dup.contiguous()), _bits((dh.float() * a.float()).half()))
     assert same, "dup != round16(dh * round16(sigmoid(g)))"
     same = torch.equal(_bits(dgate.contiguous()), _bits(eager_order))
-    assert same, f"{(dgate != eager_order).sum().item()} of {dgate.numel()} elements differ from round16(round16(dh * up) * (1 - a) * a)"
+    assert same, f"{(dgate != eager_order).sum().item()} of {dgate.numel()} elements differ from aten.sigmoid_backward in fp16"
     assert not torch.equal(dgate[differ], unrounded[differ])

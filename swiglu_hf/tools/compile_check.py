@@ -27,6 +27,16 @@ which), divided by the elements a thread handles (BLOCK_M*BLOCK_N / (32*num_warp
 kernels have no loops, so that is the per-element work, except that rarely-taken slow paths
 (div.rn's subnormal/special-value branch) are counted too.
 
+Gate specs. `activation` may also be a gate-spec key (swiglu_hf.gate: clamps, alpha, up + 1, a
+multiplier, interleaved), compiled as the launchers pass it: absent fields as constexpr None,
+present ones as fp32 arguments (one specialization for every value), UP_PLUS_ONE and the column
+stride COL as constexprs. SPEC_GATES lists the ones the models in docs/SUPPORTED_MODELS.md use
+(`--activation spec` selects them). An interleaved spec (COL = 2) loads a contiguous
+(BLOCK_M, 2 BLOCK_N) tile of the packed row and splits it into the even (gate) and odd (up)
+columns in registers (and joins dgate/dup the same way for one store), so its accesses are
+128-bit too; the up/dup pointer (one element after gate/dgate, never 16-byte aligned) is passed
+but unused.
+
 Specializations. The launchers pick BLOCK_N = min(next_pow2(N), 2048), BLOCK_M = 2048 // BLOCK_N;
 the grid covers the rest. The table defaults to BLOCK_N in 16..2048: smaller ones only arise for
 N < 16, which is never a multiple of 16 and so never gets the aligned (vectorized) specialization.
@@ -73,8 +83,18 @@ KERNELS = ("fwd", "bwd", "bwd_h")  # glu_fwd; glu_bwd without h (STORE_H=False);
 BLOCK_NS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 TILE = 2048  # kernels._blocks() outside the interpreter
-EXP_ACTS = {"silu", "sigmoid"}  # activations whose forward calls exp (gelu's backward does too)
-DIV_ACTS = {"silu", "sigmoid"}  # activations whose forward divides (tl.div_rn)
+SPEC_ACTIVATIONS = ("relu2", "silu_alpha")  # the rest of kernels.ACT_IDS: gate specs only
+# Gate specs as the models' modules give them (swiglu_hf.gate keys; the values are runtime fp32
+# arguments, so these stand for every limit / alpha / multiplier)
+SPEC_GATES = (
+    "silu_alpha|alpha=1.702|gate_max=7.0|up_limit=7.0|up_plus_one=True|interleaved=True",  # GPT-OSS experts
+    "silu_alpha|alpha=1.702|gate_max=7.0|up_limit=7.0|up_plus_one=True",  # MiniMax-M3 (halves)
+    "silu|gate_max=10.0|up_limit=10.0",  # DeepSeek-V4
+    "silu|gate_mul=0.88",  # Falcon-H1
+    "relu2",  # BitNet
+)
+EXP_ACTS = {"silu", "sigmoid", "silu_alpha"}  # activations whose forward calls exp (gelu's backward does too)
+DIV_ACTS = {"silu", "sigmoid", "silu_alpha"}  # activations whose forward divides (tl.div_rn)
 # .ftz instructions that libdevice's non-FTZ branch uses itself (on range-reduced arguments)
 ALLOWED_FTZ = frozenset({"ex2.approx.ftz.f32", "rcp.approx.ftz.f32"})
 
@@ -90,7 +110,7 @@ class Spec:
     kernel: str  # "fwd" | "bwd" | "bwd_h"
     arch: int  # 80, 90, 100, ...
     dtype: str  # "fp32" | "fp16" | "bf16"
-    activation: str
+    activation: str  # a plain activation or a gate-spec key (SPEC_GATES)
     block_n: int
     aligned: bool = True
     m: int = 4096  # rows (M); only its JIT specialization matters: == 1, % 16 == 0, or neither
@@ -179,12 +199,37 @@ def accuracy_problems(row: dict) -> list[str]:
         out.append(f"{row['fast_div']} approximate divisions (div.full/div.approx)")
     if row["fast_tanh"]:
         out.append("tanh.approx")
-    if row["activation"] in DIV_ACTS and not row["div_rn"]:
-        out.append("no div.rn.f32 (IEEE division) for silu/sigmoid")
-    uses_exp = row["activation"] in EXP_ACTS or (row["activation"] == "gelu" and row["kernel"] != "fwd")
+    act = base_activation(row["activation"])
+    if act in DIV_ACTS and not row["div_rn"]:
+        out.append("no div.rn.f32 (IEEE division) for silu/sigmoid/silu_alpha")
+    uses_exp = act in EXP_ACTS or (act == "gelu" and row["kernel"] != "fwd")
     if uses_exp and not row["libdevice_expf"]:
         out.append("no libdevice expf (fma.rm.f32 range reduction) where exp is computed")
     return out
+
+
+def base_activation(key: str) -> str:
+    """The activation of a plain name or gate-spec key."""
+    return key.split("|", 1)[0]
+
+
+def interleaved(key: str) -> bool:
+    return "interleaved=True" in key.split("|")
+
+
+def check_activation(key: str) -> str:
+    """A plain activation or a gate-spec key the kernels implement (ValueError otherwise)."""
+    if key in ACTIVATIONS:
+        return key
+    from swiglu_hf import gate
+
+    try:
+        spec = gate.parse(key)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad gate key {key!r}: {e}") from None
+    if spec.activation not in ACTIVATIONS + SPEC_ACTIVATIONS:
+        raise ValueError(f"unknown activation in {key!r}; known: {', '.join(ACTIVATIONS + SPEC_ACTIVATIONS)}")
+    return spec.key()
 
 
 # ---- printing / CLI ---------------------------------------------------------------------------
@@ -192,12 +237,13 @@ def accuracy_problems(row: dict) -> list[str]:
 def format_table(rows: list[dict]) -> str:
     src = {r.get("instr_source") for r in rows if not r.get("error")}
     unit = "SASS" if src == {"sass"} else "PTX" if src == {"ptx"} else "SASS/PTX"
-    head = (f"{'kernel':<6} {'arch':<6} {'dtype':<5} {'activation':<10} {'BMxBN':>7} {'align':<5} {'M':>5} "
+    w = max([10] + [len(r["activation"]) for r in rows])
+    head = (f"{'kernel':<6} {'arch':<6} {'dtype':<5} {'activation':<{w}} {'BMxBN':>7} {'align':<5} {'M':>5} "
             f"{'regs':>4} {'spill':>5} {'ld':>4} {'st':>4} {'instr/el':>8}  problems")
     lines = [head, "-" * len(head)]
     for r in rows:
         shape = f"{r['block_m']}x{r['block_n']}"
-        left = (f"{r['kernel']:<6} sm_{r['arch']:<3} {r['dtype']:<5} {r['activation']:<10} {shape:>7} "
+        left = (f"{r['kernel']:<6} sm_{r['arch']:<3} {r['dtype']:<5} {r['activation']:<{w}} {shape:>7} "
                 f"{'yes' if r['aligned'] else 'no':<5} {r['m']:>5} ")
         if r.get("error"):
             lines.append(left + f"ERROR: {r['error']}")
@@ -236,7 +282,8 @@ def add_parser(sub) -> None:
         description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default=",".join(DEFAULT_ARCHS), help="comma-separated, e.g. sm_80,sm_90,sm_100")
     p.add_argument("--dtype", default=",".join(DTYPES), help="comma-separated: fp32,fp16,bf16")
-    p.add_argument("--activation", default=",".join(ACTIVATIONS), help="comma-separated")
+    p.add_argument("--activation", default=",".join(ACTIVATIONS),
+                   help="comma-separated activations or gate-spec keys (quote the '|'); 'spec' adds SPEC_GATES")
     p.add_argument("--block-n", default=",".join(map(str, BLOCK_NS)),
                    help="comma-separated BLOCK_N values (BLOCK_M = 2048 // BLOCK_N)")
     p.add_argument("--rows", default="4096", help="comma-separated M values to specialize for (1: decode)")
@@ -255,10 +302,8 @@ def _main(args) -> int:
         if bad:
             raise ValueError(f"unknown dtype(s) {bad}; known: {', '.join(DTYPES)}")
         dtypes = [_DTYPE_ALIASES[d.lower()] for d in split(args.dtype)]
-        acts = split(args.activation)
-        unknown = [a for a in acts if a not in ACTIVATIONS]
-        if unknown:
-            raise ValueError(f"unknown activation(s) {unknown}; known: {', '.join(ACTIVATIONS)}")
+        acts = [a for t in split(args.activation) for a in (SPEC_GATES if t == "spec" else (t,))]
+        acts = [check_activation(a) for a in acts]
         block_ns = [int(b) for b in split(args.block_n)]
         if any(b < 1 or b > TILE or b & (b - 1) for b in block_ns):
             raise ValueError(f"BLOCK_N must be powers of two in 1..{TILE}")
@@ -356,20 +401,32 @@ def _launch_args(spec: Spec):
     from swiglu_hf import kernels
 
     dtype = getattr(torch, _TORCH_DTYPES[spec.dtype])
-    ptr = _Ptr(dtype, (1 << 20) if spec.aligned else (1 << 20) + 4)
+    base = (1 << 20) if spec.aligned else (1 << 20) + 4
+    ptr = _Ptr(dtype, base)
     # N in (block_n / 2, block_n] so that _blocks(N) gives block_n: a multiple of 16 when aligned,
     # odd when not (2 for block_n 2; N == 1 becomes a constexpr, as in the JIT)
     n = spec.block_n - 1 if not spec.aligned and spec.block_n >= 4 else spec.block_n
     if spec.aligned and (n % 16 or spec.block_n < 16):
         raise ValueError(f"BLOCK_N={spec.block_n} only arises for N < 16, never 16-aligned: use aligned=False")
     stride = 2 * n if spec.aligned else n  # packed gate_up rows when aligned; odd otherwise
-    const = {"ACT": kernels.ACT_IDS[spec.activation], "ACCURATE": spec.accurate,
-             "BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n}
+    if spec.activation in kernels.PLAIN_ACTIVATIONS:
+        gate_args = kernels.spec_args(spec.activation)
+    else:
+        from swiglu_hf import gate
+
+        gate_args = kernels.spec_args(gate.parse(spec.activation))
+    col = 2 if interleaved(spec.activation) and n > 1 else 1
+    # interleaved: gate (dgate) at the packed row's start, up (dup) one element later, rows of 2N
+    second = _Ptr(dtype, base + torch.tensor([], dtype=dtype).element_size()) if col == 2 else ptr
+    if col == 2:
+        stride = 2 * n
+    floats = [gate_args.pop(k) for k in ("alpha", "gate_mul", "gate_max", "up_limit")]
+    const = {**gate_args, "ACCURATE": spec.accurate, "COL": col, "BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n}
     if spec.kernel == "fwd":
-        return kernels._glu_fwd_kernel, [ptr, ptr, ptr, spec.m, n, stride, stride, n], const
+        return kernels._glu_fwd_kernel, [ptr, second, ptr, spec.m, n, stride, stride, n, *floats], const
     store_h = spec.kernel == "bwd_h"
     h_stride = n if store_h else 0
-    args = [ptr] * 6 + [spec.m, n, n, stride, stride, stride, stride, h_stride]
+    args = [ptr, ptr, second, ptr, second, ptr, spec.m, n, n, stride, stride, stride, stride, h_stride, *floats]
     return kernels._glu_bwd_kernel, args, {**const, "STORE_H": store_h}
 
 
@@ -394,7 +451,8 @@ def _jit_source(fn, args, const, backend):
         sig[p.name] = ty
         if ty == "constexpr":
             constexprs[(i,)] = v
-        attrs[(i,)] = backend.parse_attr(desc)
+        if isinstance(desc, str):  # as the JIT: a float argument (fp32) has no attribute
+            attrs[(i,)] = backend.parse_attr(desc)
     return sig, constexprs, attrs
 
 
@@ -494,6 +552,7 @@ def _inspect_ptx(ptx: str) -> dict:
     ops = [o.rstrip(";") for o in ops]
     return {
         "ld_bits": min(ld_bits, default=0), "st_bits": min(st_bits, default=0),
+        "ld_max": max(ld_bits, default=0), "st_max": max(st_bits, default=0),
         "n_ld": len(ld_bits), "n_st": len(st_bits),
         "ptx_instructions": len(ops),
         "ptx_local": len(re.findall(r"\.local\b", body)),
