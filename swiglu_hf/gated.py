@@ -335,23 +335,28 @@ def _grads_of(fn, x, params, dy, need_x, need_params):
     return grads[0], grads[1:]
 
 
+def _tiled_forward(ctx, fn, tile, random, x, params):
+    """y = fn(x) a tile of tokens at a time, saving only x (and each tile's RNG state when `random`)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y, rngs = None, []
+    for s, e in _tiles(x2.shape[0], tile):
+        rngs.append(_rng_capture(x.device) if random else None)
+        yt = fn(x2[s:e])
+        if y is None:
+            y = yt.new_empty((x2.shape[0], yt.shape[-1]))
+        y[s:e] = yt
+    ctx.fn, ctx.tile, ctx.rngs, ctx.params = fn, tile, rngs, params
+    ctx.amp = _amp_capture(x.device)
+    ctx.save_for_backward(x)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class TiledRecompute(torch.autograd.Function):
     """y = fn(x) over tiles of tokens for any projections; saves x only, re-runs fn per tile."""
 
     @staticmethod
     def forward(ctx, fn, tile, random, x, *params):
-        x2 = x.reshape(-1, x.shape[-1])
-        y, rngs = None, []
-        for s, e in _tiles(x2.shape[0], tile):
-            rngs.append(_rng_capture(x.device) if random else None)
-            yt = fn(x2[s:e])
-            if y is None:
-                y = yt.new_empty((x2.shape[0], yt.shape[-1]))
-            y[s:e] = yt
-        ctx.fn, ctx.tile, ctx.rngs, ctx.params = fn, tile, rngs, params
-        ctx.amp = _amp_capture(x.device)
-        ctx.save_for_backward(x)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _tiled_forward(ctx, fn, tile, random, x, params)
 
     @staticmethod
     def backward(ctx, dy):
@@ -393,18 +398,7 @@ class TiledZero3(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, tile, random, params, x, anchor):
-        x2 = x.reshape(-1, x.shape[-1])
-        y, rngs = None, []
-        for s, e in _tiles(x2.shape[0], tile):
-            rngs.append(_rng_capture(x.device) if random else None)
-            yt = fn(x2[s:e])
-            if y is None:
-                y = yt.new_empty((x2.shape[0], yt.shape[-1]))
-            y[s:e] = yt
-        ctx.fn, ctx.tile, ctx.rngs, ctx.params = fn, tile, rngs, params
-        ctx.amp = _amp_capture(x.device)
-        ctx.save_for_backward(x)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _tiled_forward(ctx, fn, tile, random, x, params)
 
     @staticmethod
     def backward(ctx, dy):
