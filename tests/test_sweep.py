@@ -122,6 +122,7 @@ NEWLY_VERIFIED = {
     "inkling_text": {"experts", "stacked_experts"},
     "zamba2": {"packed"},
     "dory": {"split"},
+    "gemma4": {"split"},  # its vision MLP's projections wrap an nn.Linear in clamps (ClippableLinear)
 }
 
 

@@ -35,10 +35,15 @@ _PROBE_LAYERS = 2  # adapter layer indices the probe runs (an adapter and an ide
 
 
 def _in_features(m: nn.Module) -> int | None:
+    """The input width of a projection: its in_features or 2D weight, else that of the one nn.Linear it
+    wraps (Gemma 4's vision ClippableLinear: clamps around an inner `linear`)."""
     hidden = getattr(m, "in_features", None)
     weight = getattr(m, "weight", None)
     if hidden is None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         hidden = weight.shape[-1]
+    if hidden is None:
+        inner = [c for c in m.modules() if isinstance(c, nn.Linear)]
+        hidden = inner[0].in_features if len(inner) == 1 else None
     return hidden
 
 
