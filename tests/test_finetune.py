@@ -19,7 +19,7 @@ import torch
 
 from swiglu_hf import patched_modules
 from swiglu_hf.errors import InvalidInputError
-from swiglu_hf.tools import finetune, finetune_data, finetune_run
+from swiglu_hf.tools import finetune, finetune_data, finetune_model, finetune_run
 from swiglu_hf.tools.finetune import FinetuneConfig
 from swiglu_hf.tools.finetune_memory import LiveTensorBytes, resident_bytes
 from swiglu_hf.tools.progress import StepProgress
@@ -139,6 +139,8 @@ def test_weights_saved_by_stock_and_patched_are_identical(cpu_run):
     assert _sha(files["patched"]) == _sha(files["stock"]) == _sha(files["tiled"])
     loaded = AutoModelForCausalLM.from_pretrained(save / "patched", local_files_only=True)  # the stock class
     assert not patched_modules(loaded)
+    # the shipped model's save is a whole checkpoint: --model on it fine-tunes with the byte tokenizer
+    assert finetune_model.local_tokenizer(str(save / "patched"))("hé")["input_ids"] == [*"hé".encode()]
 
 
 def test_unavailable_peer_is_reported_not_run(cpu_run):

@@ -284,6 +284,11 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
 
     base, model_name, pretrained = build_model(cfg)
     tokenizer = local_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.model else None
+    saved_tokenizer = tokenizer
+    if cfg.save and not cfg.model and not cfg.preset:  # the shipped model: --save writes a whole checkpoint
+        from .tiny_checkpoint import byte_tokenizer
+
+        saved_tokenizer = byte_tokenizer()
     windows_needed = cfg.steps * cfg.grad_accum * cfg.batch_size * accelerator.num_processes
     max_tokens = None if cfg.data is None else int(windows_needed / (1 - cfg.eval_fraction) + 2) * cfg.seq_len
     eos = base.config.eos_token_id if tokenizer is None else tokenizer.eos_token_id
@@ -331,7 +336,7 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
             save_to = None if cfg.save is None else Path(cfg.save) / variant
             with StepProgress(variant, cfg.steps, enabled=not quiet and accelerator.is_main_process,
                               log_every=cfg.log_every) as progress:
-                result = train_variant(accelerator, model, batches, held_out, cfg, progress, save_to, tokenizer,
+                result = train_variant(accelerator, model, batches, held_out, cfg, progress, save_to, saved_tokenizer,
                                        track_cpu_peak=variant != "compile")
             results["variants"][variant] = {"backend": backend_used(variant, cfg.backend, device, str(mixed)),
                                             "patched_modules": count, **result}
