@@ -301,7 +301,7 @@ class TiledMLP(torch.autograd.Function):
         need_x = ctx.needs_input_grad[3]
         pairs = list(zip(weights[0::2], weights[1::2]))
         pair_needs = list(zip(needs[0::2], needs[1::2]))
-        proj, (wd, bd) = pairs[:-1], pairs[-1]
+        proj, (wd, _) = pairs[:-1], pairs[-1]
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         dx = torch.empty_like(x2) if need_x else None
         acc = [_Accumulator(t) for t in weights]

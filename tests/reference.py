@@ -28,7 +28,7 @@ FLOOR_ULPS = 1.0
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "sigmoid", "relu")
 
-# The calls a stock module makes, in its dtype (the same table as tests/test_gpu.py's EAGER).
+# The calls a stock module makes, in its dtype (tests/test_gpu.py's EAGER too).
 STOCK_ACT = {
     "silu": F.silu,
     "gelu": F.gelu,

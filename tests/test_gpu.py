@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import swiglu_hf
 from swiglu_hf import apply_swiglu_patch, swiglu
 from swiglu_hf.tools.models import build_tiny
+from tests.reference import STOCK_ACT
 
 DEVICE = "cuda"
 BACKEND = "triton"
@@ -44,14 +45,8 @@ pytestmark = [
     ),
 ]
 
-# The eager expressions a stock module evaluates; written out here, not taken from the library.
-EAGER = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "sigmoid": torch.sigmoid,
-    "relu": torch.relu,
-}
+# The eager expressions a stock module evaluates (tests/reference.py writes them out, not the library).
+EAGER = STOCK_ACT
 HALF = [torch.bfloat16, torch.float16]
 ODD = (3, 611, 781)  # 1833 rows x 781 cols: nothing a multiple of 16, packed halves misaligned
 ALIGNED = (4, 128, 1024)  # vectorised-load path

@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..errors import UnsupportedModuleError
 from ..gate import read_spec
 from ..gated import GLUDown, glu, resolve_gate
