@@ -52,15 +52,29 @@ def _declared(m: nn.Module, attr: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _attr(module: nn.Module, name: str):
+    """getattr(module, name, None) without nn.Module.__getattr__'s raise-and-catch for an absent name:
+    the optional roles below are looked up on every forward and are usually absent (host overhead)."""
+    if type(module).__getattr__ is not nn.Module.__getattr__:  # a class with its own lookup: ask it
+        return getattr(module, name, None)
+    d = module.__dict__
+    if name in d:
+        return d[name]
+    for store in ("_parameters", "_buffers", "_modules"):  # what nn.Module.__getattr__ searches
+        if name in d.get(store, ()):
+            return d[store][name]
+    return getattr(module, name, None) if hasattr(type(module), name) else None
+
+
 def _out_multiplier(module: nn.Module) -> float | None:
-    value = getattr(module, "down_multiplier", None)
+    value = _attr(module, "down_multiplier")
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1.0
     return float(value) if ok else None
 
 
 def _optional(module: nn.Module, projections: dict, role: str):
     attr = projections.get(role)
-    return None if attr is None else getattr(module, attr, None)
+    return None if attr is None else _attr(module, attr)
 
 
 def _adapters(module: nn.Module, projections: dict):
