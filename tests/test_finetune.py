@@ -318,6 +318,13 @@ def test_gguf_checkpoint_with_its_own_tokenizer_trains_like_stock(checkpoint, tm
     assert_like_stock(*losses, patch_backend, "losses and eval loss")
 
 
+def test_writing_a_gguf_without_the_gguf_package_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    with pytest.raises(finetune_data.MissingDependencyError, match="pip install gguf"):
+        save_tiny_gguf(tmp_path / "t.gguf")
+    assert not (tmp_path / "t.gguf").exists()
+
+
 def test_results_are_written_after_each_variant(tmp_path, monkeypatch):
     # A run stopped part-way (gpu_check.sh's `timeout` sends SIGINT) keeps the variants it finished.
     train = finetune_run.train_variant

@@ -79,7 +79,12 @@ def _rotary_rows(weight, heads: int):
 
 def save_tiny_gguf(path: str | Path, seed: int = 0) -> Path:
     """The same tiny Llama and byte tokenizer as one fp32 GGUF file at `path` (needs `pip install gguf`)."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        from .finetune_data import MissingDependencyError
+
+        raise MissingDependencyError("writing a .gguf needs the `gguf` package: pip install gguf") from None
     import numpy as np
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
@@ -128,4 +133,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m swiglu_hf.tools.tiny_checkpoint DIR|FILE.gguf")
     target = sys.argv[1]
-    print(f"wrote {(save_tiny_gguf if target.endswith('.gguf') else save_tiny_checkpoint)(target)}")
+    try:
+        print(f"wrote {(save_tiny_gguf if target.endswith('.gguf') else save_tiny_checkpoint)(target)}")
+    except ImportError as err:  # the gguf package: one line saying what to install
+        raise SystemExit(f"error: {err}") from None
