@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .activations import ACTIVATIONS, act_backward, act_forward
+from .activations import ACTIVATIONS, act_backward, act_forward, describe
 
 SPEC_ACTIVATIONS = (*ACTIVATIONS, "relu2", "silu_alpha")
 
@@ -101,15 +101,11 @@ def read_spec(module, act, *, interleaved: bool = False) -> GateSpec | str:
     else:
         name = activation_name(act) if act is not None else None
         if name is None:
-            return "no act_fn attribute" if act is None else f"its activation {describe_act(act)} is not one the fused gate implements (supported: {', '.join(SPEC_ACTIVATIONS)})"
+            return "no act_fn attribute" if act is None else f"its activation {describe(act)} is not one the fused gate implements (supported: {', '.join(SPEC_ACTIVATIONS)})"
     return GateSpec(
         name, alpha=alpha, gate_max=limit, up_limit=limit, up_plus_one=alpha is not None,
         gate_mul=None if gate_mul in (None, 1.0) else gate_mul, interleaved=interleaved,
     )
-
-
-def describe_act(act) -> str:
-    return type(act).__name__ if isinstance(act, torch.nn.Module) else getattr(act, "__name__", repr(act))
 
 
 def split_packed(x: torch.Tensor, spec: GateSpec) -> tuple[torch.Tensor, torch.Tensor]:

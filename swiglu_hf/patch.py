@@ -109,6 +109,14 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _restore_forward(module: nn.Module, state: PatchState) -> None:
+    """Put back the forward attribute apply_swiglu_patch replaced (or drop ours: the class's is back)."""
+    if state.original is None:
+        del module.__dict__[state.attr]
+    else:
+        module.__dict__[state.attr] = state.original
+
+
 def _deferred_probe(module: nn.Module, state: PatchState) -> None:
     """The probe of a module patched while its weights were on the meta device or FSDP shards, at its
     first real forward (where FSDP has gathered them).
@@ -119,10 +127,7 @@ def _deferred_probe(module: nn.Module, state: PatchState) -> None:
     # The probe copies the module and compares with the forward the copy holds: put the one we replaced
     # back for it (an instance forward or accelerate's _old_forward), else it would probe the fused one.
     fused = module.__dict__[state.attr]
-    if state.original is None:
-        del module.__dict__[state.attr]
-    else:
-        module.__dict__[state.attr] = state.original
+    _restore_forward(module, state)
     try:
         done = run_probe(state.probe_pending, module, state)
     except SelfCheckError as err:
@@ -164,7 +169,7 @@ def _mlp_like_classes(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if any(k in type(m).__name__.lower() for k in keys)})
 
 
-def _candidate(name: str, module: nn.Module, recipe: Recipe, act, backend: str) -> str:
+def _candidate(name: str, module: nn.Module, recipe: Recipe, act) -> str:
     """The gate-spec key of a matched module, or a typed error saying why it cannot be patched."""
     cls = type(module).__name__
     reason = recipe.form.refusal(module, recipe.projections, act)
@@ -239,7 +244,7 @@ def apply_swiglu_patch(
             continue
         recipe, act = found
         try:
-            activation = _candidate(name, module, recipe, act, backend)
+            activation = _candidate(name, module, recipe, act)
         except SwigluError as err:
             if strict:
                 raise type(err)(f"{err}{_STRICT_HINT}") from None
@@ -321,10 +326,6 @@ def revert_swiglu_patch(model: nn.Module) -> nn.Module:
     model.__dict__.pop(REPORT_ATTR, None)
     for _, module in model.named_modules():
         state = module.__dict__.pop(STATE_ATTR, None)
-        if state is None:
-            continue
-        if state.original is None:
-            del module.__dict__[state.attr]
-        else:
-            module.__dict__[state.attr] = state.original
+        if state is not None:
+            _restore_forward(module, state)
     return model

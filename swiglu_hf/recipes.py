@@ -41,7 +41,7 @@ class Recipe:
     def __post_init__(self):
         if self.form_name not in FORMS:
             raise ValueError(f"recipe {self.name!r}: unknown form {self.form_name!r}; known: {', '.join(FORMS)}")
-        roles, optional = set(self.form.roles), set(getattr(self.form, "optional_roles", ()))
+        roles, optional = set(self.form.roles), set(self.form.optional_roles)
         if not roles <= set(self.projections) <= roles | optional:
             raise ValueError(
                 f"recipe {self.name!r}: form {self.form_name!r} needs projections {self.form.roles}"

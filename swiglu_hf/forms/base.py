@@ -21,6 +21,7 @@ of its projections; the form does the rest:
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -30,9 +31,35 @@ from torch import nn
 PROBE_SCALES = (1.0, 32.0)
 
 
+_PARAMS: dict = {}  # unwrapped forward function -> its positional parameters after self, or None
+
+
+def positional_params(fn) -> tuple | None:
+    """(name, default) of the forward's positional parameters after self (None: no signature).
+
+    Cached per function object (a plain dict, so torch.compile traces a lookup, not inspect): a class
+    whose forward is replaced later gets the new function's parameters."""
+    if fn in _PARAMS:
+        return _PARAMS[fn]
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        params = None
+    else:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        params = tuple((p.name, p.default) for p in sig.parameters.values() if p.kind in kinds)[1:]
+    _PARAMS[fn] = params
+    return params
+
+
+def unwrapped_forward(cls):
+    return inspect.unwrap(cls.forward)
+
+
 class Form:
     name: str = ""
     roles: tuple[str, ...] = ()
+    optional_roles: tuple[str, ...] = ()  # roles a recipe may name and a module may lack
     tiles: bool = True
 
     def has_structure(self, module: nn.Module, projections: dict) -> bool:

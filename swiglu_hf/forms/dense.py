@@ -93,11 +93,12 @@ def _scale(module: nn.Module, projections: dict, role: str):
     return vector, scalar
 
 
-def _projection(module: nn.Module, projections: dict, role: str, layer_idx):
-    """The callable x -> this role's projection output, with the recipe's optional steps."""
+def _projection(module: nn.Module, projections: dict, role: str, layer_idx, adapters):
+    """The callable x -> this role's projection output, with the recipe's optional steps (`adapters`:
+    the module's _adapters, which apply to the first role only)."""
     proj = getattr(module, projections[role])
     steps = []
-    adapters = _adapters(module, projections) if role == _first_role(projections) else None
+    adapters = adapters if role == _first_role(projections) else None
     scale = _scale(module, projections, role)
     if adapters is None and scale is None:
         return proj
@@ -181,7 +182,7 @@ class DenseForm(Form):
                 + (" and a layer index" if adapters is not None else "")
                 + f", got {len(args)} more positional and keyword arguments {sorted(kwargs)}"
             )
-        projections = tuple(_projection(module, p, role, layer_idx) for role in self.input_roles)
+        projections = tuple(_projection(module, p, role, layer_idx, adapters) for role in self.input_roles)
         post = _optional(module, p, "post")
         return dense_mlp(module, x, projections, getattr(module, p["down"]), state.activation, state.backend,
                          state.tile_tokens, post=post if isinstance(post, nn.Module) else None,

@@ -52,7 +52,7 @@ from torch import nn
 from ..errors import UnsupportedModuleError
 from ..gate import read_spec
 from ..gated import GLUDown, glu, resolve_gate
-from .base import Form
+from .base import Form, positional_params, unwrapped_forward
 
 # Implementations (transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS) that gate through _apply_gate.
 GATED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "deepgemm")
@@ -86,34 +86,9 @@ def _transposed(gate_up: torch.Tensor, down: torch.Tensor) -> bool | None:
     return None
 
 
-_PARAMS: dict = {}  # unwrapped forward function -> its positional parameters after self, or None
-
-
-def _positional_params(fn) -> tuple | None:
-    """(name, default) of the forward's positional parameters after self (None: no signature).
-
-    Cached per function object (a plain dict, so torch.compile traces a lookup, not inspect): a class
-    whose forward is replaced later gets the new function's parameters."""
-    if fn in _PARAMS:
-        return _PARAMS[fn]
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        params = None
-    else:
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        params = tuple((p.name, p.default) for p in sig.parameters.values() if p.kind in kinds)[1:]
-    _PARAMS[fn] = params
-    return params
-
-
-def _unwrapped_forward(cls):
-    return inspect.unwrap(cls.forward)
-
-
 def _signature(cls) -> str | None:
     """ "routed" for forward(hidden_states, top_k_index, top_k_weights), "bmm" for forward(hidden_states)."""
-    params = _positional_params(_unwrapped_forward(cls))
+    params = positional_params(unwrapped_forward(cls))
     if params is None:
         return None
     names = [name for name, _ in params]
@@ -313,7 +288,7 @@ def _bmm(module, state, hidden_states, backend):
 def _bind(module, args, kwargs) -> list:
     """The forward's positional parameters (after self) as the class's own forward binds them: positional,
     keyword or mixed calls alike (inspect.Signature.bind semantics, kept simple enough for torch.compile)."""
-    params = _positional_params(_unwrapped_forward(type(module)))
+    params = positional_params(unwrapped_forward(type(module)))
     if len(args) > len(params):
         raise TypeError(f"{type(module).__name__}.forward takes {len(params)} positional arguments, got {len(args)}")
     values = list(args)

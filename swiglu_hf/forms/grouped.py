@@ -20,14 +20,11 @@ probe (swiglu_hf.probe) proves each against the module's own forward.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
-from ..gate import read_spec
 from ..gated import down_of_glu, glu, resolve_gate
-from .base import PROBE_SCALES, Form
+from .base import PROBE_SCALES, Form, positional_params, unwrapped_forward
 
 
 def _tensor(t, dim: int) -> bool:
@@ -35,12 +32,8 @@ def _tensor(t, dim: int) -> bool:
 
 
 def _positional(cls) -> list[str] | None:
-    try:
-        sig = inspect.signature(inspect.unwrap(cls.forward))
-    except (TypeError, ValueError):
-        return None
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in sig.parameters.values() if p.kind in kinds][1:]
+    params = positional_params(unwrapped_forward(cls))
+    return None if params is None else [name for name, _ in params]
 
 
 def _bind(module, args, kwargs, count: int) -> list:
@@ -76,9 +69,6 @@ class _GroupedForm(Form):
         if names is None or len(names) != self.inputs:
             return f"its forward takes {names} positional inputs, not the {self.inputs} of the {self.name} form"
         return None
-
-    def gate(self, module, projections, act):
-        return read_spec(module, act)
 
 
 class ExpertGLUForm(_GroupedForm):

@@ -216,7 +216,7 @@ _FIELDS = ("variants", "model", "preset", "data", "text_field", "eval_fraction",
 def _main(args) -> int:
     variants = args.variants if isinstance(args.variants, tuple) else parse_variants(args.variants)
     cfg = FinetuneConfig(**{f: getattr(args, f) for f in _FIELDS if f != "variants"}, variants=variants)
-    from .finetune_report import format_table, write_plots, write_results
+    from .finetune_report import format_table, write_outputs, write_results
     from .finetune_run import is_main_process, run
 
     def write_so_far(partial: dict) -> None:
@@ -225,7 +225,7 @@ def _main(args) -> int:
 
     results = run(cfg, on_variant=write_so_far, command=getattr(args, "command_line", None))
     if is_main_process():
-        written = [*write_results(results, args.out), *write_plots(results, args.out)]
+        written = write_outputs(results, args.out)
         print(format_table(results), flush=True)
         print("wrote " + ", ".join(str(p) for p in written), flush=True)
     return 0

@@ -140,12 +140,8 @@ def write_results(results: dict, out: Path) -> list[Path]:
     return [out / "results.json", out / "results.md"]
 
 
-def write_plots(results: dict, out: Path) -> list[Path]:
-    from .finetune_plots import write_plots as plots
-
-    return plots(results, Path(out))
-
-
 def write_outputs(results: dict, out: Path) -> list[Path]:
     """results.json, results.md and the plots in `out` (created if needed); returns the paths."""
-    return [*write_results(results, out), *write_plots(results, out)]
+    from .finetune_plots import write_plots
+
+    return [*write_results(results, out), *write_plots(results, Path(out))]
