@@ -14,10 +14,13 @@ ctx.save_for_backward for exactly this reason: their memory is visible to this m
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
 
 
 def _storage_key(t: torch.Tensor):
@@ -63,3 +66,84 @@ def saved_activation_bytes(fn: Callable[[], object], exclude: Iterable[torch.Ten
         out = fn()
     del out
     return sum(seen.values())
+
+
+# ---- live tensor bytes: the peak memory of a block of ops on any device -------------------
+# CPU has no allocator counter and RSS is glibc's heap high-water mark, not live tensors, so a
+# TorchDispatchMode sees every tensor an op returns and counts each storage from creation until a
+# weakref finalizer says it was freed. Exact and repeatable: the same ops give the same bytes.
+
+def _storages(t: torch.Tensor):
+    """The untyped storages behind `t` (a DTensor or other wrapper subclass: its inner tensors)."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return [t.untyped_storage()]
+    todo, out = [t], []
+    while todo:
+        x = todo.pop()
+        if is_traceable_wrapper_subclass(x):
+            todo.extend(v for v in (getattr(x, a) for a in x.__tensor_flatten__()[0]) if isinstance(v, torch.Tensor))
+        else:
+            try:
+                out.append(x.untyped_storage())
+            except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+                pass
+    return out
+
+
+def resident_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and shared storages counted once)."""
+    seen = {}
+    for t in tensors:
+        for st in _storages(t):
+            if st.device.type != "meta":
+                seen[(st.device, st.data_ptr()) if st.data_ptr() else id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def training_state(model: torch.nn.Module, optimizer) -> list[torch.Tensor]:
+    """Parameters, buffers, gradients and optimizer state tensors."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    state = getattr(optimizer, "state", {})  # accelerate's AcceleratedOptimizer forwards .state
+    for per_param in state.values():
+        tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of storages created by ops inside the block that are still alive; keeps the peak."""
+
+    def __init__(self):
+        from torch.distributed.tensor import DTensor
+
+        super().__init__()
+        self._dtensor = DTensor
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int, nbytes: int, _ref) -> None:
+        self.live -= nbytes
+        self._refs.pop(key, None)
+
+    def _track(self, st: torch.UntypedStorage) -> None:
+        key = id(st)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is st:
+            return  # already counted (a view, or an op returning its input)
+        nbytes = st.nbytes()
+        if nbytes == 0 or st.device.type == "meta":
+            return
+        self._refs[key] = weakref.ref(st, lambda r, k=key, n=nbytes: self._freed(k, n, r))
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._dtensor in types:
+            return NotImplemented  # let DTensor unwrap to local ops, which come back here
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                for st in _storages(t):
+                    self._track(st)
+        return out

@@ -21,7 +21,7 @@ from swiglu_hf import patched_modules
 from swiglu_hf.errors import InvalidInputError
 from swiglu_hf.tools import finetune, finetune_data, finetune_model, finetune_run
 from swiglu_hf.tools.finetune import FinetuneConfig
-from swiglu_hf.tools.finetune_memory import LiveTensorBytes, resident_bytes
+from swiglu_hf.memory import LiveTensorBytes, resident_bytes
 from swiglu_hf.tools.progress import StepProgress
 from swiglu_hf.tools.tiny_checkpoint import save_tiny_checkpoint, save_tiny_gguf
 from tests.conftest import assert_like_stock
