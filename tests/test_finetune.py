@@ -318,6 +318,62 @@ def test_gguf_checkpoint_with_its_own_tokenizer_trains_like_stock(checkpoint, tm
     assert_like_stock(*losses, patch_backend, "losses and eval loss")
 
 
+def test_gguf_save_writes_plain_safetensors_that_load_with_the_trained_weights(checkpoint, tmp_path, monkeypatch):
+    """--model FILE.gguf --save DIR: transformers dequantizes GGUF at load but marks the model as
+    GGUF-quantized, which save_pretrained refuses; the trained weights are saved as plain safetensors
+    (no quantization_config) that from_pretrained loads without gguf_file and that give the logits the
+    trained model gave."""
+    pytest.importorskip("gguf", reason="the gguf package (in the test extra) is not installed")
+    from transformers import AutoModelForCausalLM
+
+    _, jsonl = checkpoint
+    gguf_file = save_tiny_gguf(tmp_path / "tiny.gguf")
+    ids = torch.tensor([[257, *b"gated units"]])
+    trained_logits, evaluate = {}, finetune_run.evaluate
+
+    def evaluate_and_keep_logits(model, batches):  # runs on the trained model, right before the save
+        with torch.no_grad():
+            trained_logits[len(trained_logits)] = model(input_ids=ids).logits
+        return evaluate(model, batches)
+
+    monkeypatch.setattr(finetune_run, "evaluate", evaluate_and_keep_logits)
+    out, save = tmp_path / "out", tmp_path / "saved"
+    argv = ["--model", str(gguf_file), "--data", str(jsonl), "--variants", "stock,patched", "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--eval-batches", "1",
+            "--save", str(save), "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert finetune.main(argv) == 0
+    r = json.loads((out / "results.json").read_text())
+    original = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", local_files_only=True)
+    for i, name in enumerate(("stock", "patched")):
+        assert r["variants"][name]["saved_to"] == str(save / name) and "save_error" not in r["variants"][name]
+        assert "quantization_config" not in json.loads((save / name / "config.json").read_text())
+        loaded = AutoModelForCausalLM.from_pretrained(save / name, local_files_only=True)
+        assert getattr(loaded, "hf_quantizer", None) is None
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, trained_logits[i])
+            assert not torch.equal(loaded(ids).logits, original(ids).logits)  # trained, not the file's weights
+        assert (save / name / "tokenizer.json").exists()
+    assert _sha(save / "stock" / "model.safetensors") == _sha(save / "patched" / "model.safetensors")
+
+
+def test_a_failed_save_keeps_the_results_and_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise ValueError("disk full\nsecond line")
+
+    monkeypatch.setattr(finetune_run, "save_variant", refuse)
+    argv = ["--variants", "stock,patched", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
+            "--save", str(tmp_path / "saved"), "--out", str(tmp_path / "out")]
+    assert finetune.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # progress lines come before it
+    assert err.startswith("swiglu-hf finetune: error: --save of stock failed (ValueError: disk full second line)")
+    assert str(tmp_path / "out" / "results.json") in err
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(r["variants"]) == ["stock", "patched"] and r["variants"]["patched"]["saved_to"] is None
+    assert r["variants"]["patched"]["save_error"] == "ValueError: disk full second line"
+    assert "patched: --save failed: ValueError: disk full second line" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_writing_a_gguf_without_the_gguf_package_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
     with pytest.raises(finetune_data.MissingDependencyError, match="pip install gguf"):

@@ -47,6 +47,10 @@ _LAZY = {  # name -> module of the torch side, imported on first use
 }
 
 
+class SaveFailedError(InvalidInputError):
+    """--save could not write a trained variant; everything measured was written first."""
+
+
 def parse_variants(spec: str | tuple | list) -> tuple[str, ...]:
     """"stock,patched" (or a sequence of names) -> validated tuple of variant names."""
     names = tuple(n.strip() for n in spec.split(",") if n.strip()) if isinstance(spec, str) else tuple(spec)
@@ -224,10 +228,14 @@ def _main(args) -> int:
             write_results(partial, args.out)
 
     results = run(cfg, on_variant=write_so_far, command=getattr(args, "command_line", None))
+    failed = {name: v["save_error"] for name, v in results["variants"].items() if v.get("save_error")}
     if is_main_process():
-        written = write_outputs(results, args.out)
+        written = write_outputs(results, args.out)  # results.json first, then the plots
         print(format_table(results), flush=True)
         print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    if failed:
+        raise SaveFailedError("; ".join(f"--save of {name} failed ({why})" for name, why in failed.items())
+                              + f"; the measurements are in {args.out / 'results.json'}")
     return 0
 
 

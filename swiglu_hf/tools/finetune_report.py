@@ -92,6 +92,7 @@ def _notes(results: dict) -> list[str]:
             saved = (stock["saved_activation_bytes"] - v["saved_activation_bytes"]) / MIB
             lines.append(f"{name}: peak memory {peak:.2f} MiB below stock; saved activations {saved:.2f} MiB below stock")
     lines += [f"{name}: {v['memory_note']}" for name, v in results["variants"].items() if v.get("memory_note")]
+    lines += [f"{name}: --save failed: {v['save_error']}" for name, v in results["variants"].items() if v.get("save_error")]
     lines += [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
     if results.get("pending"):  # written part-way: the run may have been stopped before these
         lines.append(f"not run yet: {', '.join(results['pending'])} (results are written after each variant)")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from swiglu_hf import patched_modules
-from swiglu_hf.errors import BackendUnavailableError
+from swiglu_hf.errors import BackendUnavailableError, InvalidInputError
 from swiglu_hf.memory import track_saved
 
 from . import finetune_data as data
@@ -83,12 +83,49 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float | None:
     return total / count
 
 
+@contextlib.contextmanager
+def plain_checkpoint(model: nn.Module):
+    """Inside: a model loaded from a .gguf file saves as the plain checkpoint it is.
+
+    transformers dequantizes GGUF tensors at load (the Linear weights are ordinary float tensors) but
+    keeps a GGUF "quantizer" on the model and `quantization_config` in its config, and save_pretrained
+    refuses such a model ("quantized with gguf and is not serializable"). Without them it writes
+    ordinary safetensors and a config that from_pretrained loads with no gguf_file. Restored on exit.
+    Any other quantizer is left alone (save_pretrained decides).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if getattr(method, "value", method) != "gguf":
+        yield model
+        return
+    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:  # never reached with transformers' GGUF loader, which dequantizes every tensor
+        raise InvalidInputError(f"cannot save {packed[0]}: it is still GGUF-quantized ({model.get_parameter(packed[0]).dtype})")
+    attrs = {k: model.__dict__[k] for k in ("hf_quantizer", "is_quantized", "quantization_method") if k in model.__dict__}
+    config_had = "quantization_config" in model.config.__dict__
+    config_value = model.config.__dict__.get("quantization_config")
+    model.__dict__.update(hf_quantizer=None, is_quantized=False, quantization_method=None)
+    if config_had:
+        del model.config.quantization_config
+    try:
+        yield model
+    finally:
+        for k in ("hf_quantizer", "is_quantized", "quantization_method"):
+            model.__dict__.pop(k, None)
+        model.__dict__.update(attrs)
+        if config_had:
+            model.config.quantization_config = config_value
+
+
 def save_variant(accelerator, model: nn.Module, out: Path, tokenizer) -> Path:
-    """Trained weights (a PEFT model: the adapter only) as safetensors in `out`, loadable by from_pretrained."""
+    """Trained weights (a PEFT model: the adapter only) as safetensors in `out`, loadable by from_pretrained.
+
+    A model read from a .gguf file is saved as plain safetensors (plain_checkpoint): no gguf_file needed."""
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     state_dict = full_state_dict(accelerator, model)  # gathers on every process
-    unwrapped.save_pretrained(out, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, safe_serialization=True)
+    with plain_checkpoint(unwrapped):
+        unwrapped.save_pretrained(out, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                                  save_function=accelerator.save, safe_serialization=True)
     if tokenizer is not None and accelerator.is_main_process:
         tokenizer.save_pretrained(out)
     return out
@@ -141,7 +178,12 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
         tag = "memory step, not timed" if last else "warm-up" if step < cfg.warmup_steps else ""
         progress.update(step_loss.item(), times[-1], tag)  # after the clock: the sync is free
     eval_loss = evaluate(model, held_out)
-    saved_to = None if save_to is None else str(save_variant(accelerator, model, save_to, tokenizer))
+    saved_to = save_error = None
+    if save_to is not None:
+        try:  # a failed save must not lose the measurements: it is recorded, and the command fails at the end
+            saved_to = str(save_variant(accelerator, model, save_to, tokenizer))
+        except Exception as err:  # noqa: BLE001 (any save failure; reported in results and by the CLI)
+            save_error = f"{type(err).__name__}: {' '.join(str(err).split())}"
     accelerator.free_memory()  # drop accelerate's references so the next variant starts clean
 
     timed = [times[i] for i in cfg.timed_steps]
@@ -160,6 +202,7 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
         **memory,
         "saved_activation_bytes": saved,
         "saved_to": saved_to,
+        **({"save_error": save_error} if save_error else {}),
         "wrapped_by": wrapped_by,
     }
 
