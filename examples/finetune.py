@@ -4,9 +4,11 @@
     accelerate launch --config_file examples/accelerate_configs/<engine>.yaml examples/finetune.py --model ... --data ...
 
 Copy it and change what you need; the one swiglu_hf line is `apply_swiglu_patch(model)`.
---data is a .txt file or a .jsonl file with the text under --text-field. The model directory
-must hold safetensors weights and its tokenizer; nothing is downloaded. No model at hand?
-`python -m swiglu_hf.tools.tiny_checkpoint ./tiny-llama` writes a tiny random-init one.
+--data is a .txt file or a .jsonl file with the text under --text-field. The model is a directory
+holding safetensors weights and its tokenizer, or one .gguf file (weights and tokenizer; `pip install
+gguf`; transformers dequantizes it to float at load, and --out gets ordinary safetensors); nothing is
+downloaded. No model at hand? `python -m swiglu_hf.tools.tiny_checkpoint ./tiny-llama` (or
+`./tiny-llama.gguf`) writes a tiny random-init one.
 (`swiglu-hf finetune` is the stock-vs-patched comparison; this script is for real runs.)
 """
 
@@ -21,12 +23,14 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swiglu_hf import apply_swiglu_patch, patched_modules
+from swiglu_hf.tools.finetune_run import plain_checkpoint
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="local model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="local model directory (config.json, *.safetensors, tokenizer) or a local .gguf file")
     p.add_argument("--data", required=True, help=".txt or .jsonl file")
     p.add_argument("--text-field", default="text", help="field of each .jsonl record that holds the text")
     p.add_argument("--out", default="finetuned", help="where the trained weights (or LoRA adapter) go")
@@ -78,8 +82,13 @@ def main(argv=None):
         ds.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 
     load = dict(local_files_only=True, trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, **load)
-    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True, dtype=torch.float32, **load)
+    model_path = Path(args.model)
+    if model_path.suffix == ".gguf":  # one file: transformers reads it from its folder with gguf_file=
+        source, load["gguf_file"] = model_path.parent, model_path.name
+    else:
+        source, load["use_safetensors"] = model_path, True
+    tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in load.items() if k != "use_safetensors"})
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **load)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -134,10 +143,12 @@ def main(argv=None):
         state_dict = full_state_dict(accelerator, model)
     else:
         state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; call on every process
-    accelerator.unwrap_model(model).save_pretrained(
-        args.out, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save, safe_serialization=True,
-    )
+    unwrapped = accelerator.unwrap_model(model)
+    with plain_checkpoint(unwrapped):  # a .gguf model: saved as ordinary safetensors (no-op otherwise)
+        unwrapped.save_pretrained(
+            args.out, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save, safe_serialization=True,
+        )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.out)
         print(f"saved {'the LoRA adapter' if args.lora else 'the model'} to {args.out}")

@@ -453,6 +453,29 @@ def test_example_script_trains_evaluates_and_saves_like_stock(checkpoint, tmp_pa
     assert (tmp_path / "patched" / "tokenizer.json").exists()
 
 
+def test_example_script_takes_a_gguf_file_and_saves_plain_safetensors(checkpoint, tmp_path):
+    pytest.importorskip("gguf", reason="the gguf package (in the test extra) is not installed")
+    from transformers import AutoModelForCausalLM
+
+    _, jsonl = checkpoint
+    gguf_file = save_tiny_gguf(tmp_path / "tiny.gguf")
+    example = _example()
+    common = ["--model", str(gguf_file), "--data", str(jsonl), "--seq-len", "32", "--batch-size", "2",
+              "--grad-accum", "1", "--max-steps", "1", "--lr", "1e-3"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        patched = example.main([*common, "--out", str(tmp_path / "patched")])
+        stock = example.main([*common, "--out", str(tmp_path / "stock"), "--no-patch"])
+    assert math.isfinite(patched) and patched == stock
+    assert _sha(tmp_path / "patched" / "model.safetensors") == _sha(tmp_path / "stock" / "model.safetensors")
+    assert "quantization_config" not in json.loads((tmp_path / "patched" / "config.json").read_text())
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "patched", local_files_only=True)  # no gguf_file
+    original = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", local_files_only=True)
+    ids = torch.tensor([[257, *b"gated units"]])
+    with torch.no_grad():
+        assert not torch.equal(trained(ids).logits, original(ids).logits)  # the trained weights were saved
+    assert (tmp_path / "patched" / "tokenizer.json").exists()
+
+
 def test_patched_variant_through_the_triton_kernels_tracks_stock(tmp_path):
     """--backend triton on CPU runs the real kernels through the interpreter (TRITON_INTERPRET=1):
     the recorded backend says so, and the losses stay within fp32 noise of stock's."""
