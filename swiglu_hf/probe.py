@@ -6,7 +6,9 @@ plain floating tensors and its float64 copy fits in F64_COPY_BYTES), or by a clo
 and device (quantized weights such as bitsandbytes' Params4bit, or a module too large); hooks are not
 copied (ZeRO-3, accelerate, user hooks). Under ZeRO-3 the module's parameters are gathered for the
 copy and released again. The copy runs in eval mode, under no_grad, with inputs from a private
-generator: the original's parameters, buffers, flags, hooks and the global RNG are untouched.
+generator: the original's parameters, buffers, flags, hooks and the global RNG are untouched. A copy
+whose own forward fails under no_grad runs in grad mode, as training calls it (see _run_pair); one
+whose own forward fails both ways is refused with that said, so the fused forward is never blamed.
 
 The rule: in float64, the fused forward (PyTorch path) must agree with stock to F64_RTOL, far below
 any real change of math (a x1.0001 multiplier is 1e-4) and far above float64 rounding; in the
@@ -18,6 +20,7 @@ form (halves, activation, extra operations) on this module.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 
@@ -81,6 +84,50 @@ def _stock_forward(clone: nn.Module, state):
     return clone.__class__.forward.__get__(clone)
 
 
+def _with_grad(args):
+    """The probe inputs as training passes them: floating tensors requiring grad."""
+    return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
+def _run_pair(name: str, cls: str, label: str, stock, fused, args):
+    """(stock output, fused output) on one probe input, under no_grad.
+
+    A module whose own forward raises under no_grad gets a second try in grad mode, the way training
+    calls it: bitsandbytes' Linear4bit repacks its weights for inference on CPUs with AVX512-BF16 in
+    eval mode when the input needs no grad, and asserts on an output width that is not a multiple of
+    32, while the same layer trains. Both forwards then run in grad mode (the fused one calls the same
+    projections, so it fails where stock fails). A stock forward that raises both ways is reported as
+    the module's own failure, not the fused forward's."""
+    grad_mode = False
+    try:
+        want = stock(*args)
+    except Exception as first:
+        args, grad_mode = _with_grad(args), True
+        try:
+            with torch.enable_grad():
+                want = stock(*args)
+        except Exception:
+            raise SelfCheckError(
+                f"{name} ({cls}): the module's own forward (not the fused one) raised {type(first).__name__}: {first} "
+                f"on a probe input of shape {tuple(getattr(args[0], 'shape', ()))}, under no_grad and in grad mode, so "
+                "the fused forward cannot be checked against it. It was left unpatched; fix the module or exclude it "
+                "with filter_fn=..."
+            ) from first
+    try:
+        with torch.enable_grad() if grad_mode else contextlib.nullcontext():
+            got = fused(*args)
+    except Exception as err:
+        raise SelfCheckError(
+            f"{name} ({cls}): the patch-time probe (random inputs through the module's own forward and "
+            f"the fused one, through {label!r}) raised {type(err).__name__} in the fused forward: {err}. It was "
+            "left unpatched; exclude it with filter_fn=..."
+        ) from err
+    if grad_mode:
+        want, got = (t.detach() if isinstance(t, torch.Tensor) else t for t in (want, got))
+    return want, got
+
+
 def _run(name: str, module: nn.Module, state, float64: bool) -> None:
     cls = type(module).__name__
     form, projections = state.recipe.form, state.recipe.projections
@@ -93,16 +140,11 @@ def _run(name: str, module: nn.Module, state, float64: bool) -> None:
     device_type = next(iter(clone.parameters()), torch.empty(0)).device.type
     with torch.no_grad(), torch.autocast(device_type, enabled=False):  # compare in the copy's own dtype
         for label, stock, fused_kwargs in form.probe_pairs(clone, _stock_forward(clone, state)):
+            def fused(*args, _kw=fused_kwargs):
+                return form.forward(clone, probe_state, *args, **_kw)
+
             for scale, args in enumerate(inputs):
-                try:
-                    want = stock(*args)
-                    got = form.forward(clone, probe_state, *args, **fused_kwargs)
-                except Exception as err:
-                    raise SelfCheckError(
-                        f"{name} ({cls}): the patch-time probe (random inputs through the module's own forward and "
-                        f"the fused one, through {label!r}) raised {type(err).__name__}: {err}. It was left unpatched; exclude "
-                        "it with filter_fn=..."
-                    ) from err
+                want, got = _run_pair(name, cls, label, stock, fused, args)
                 if not isinstance(want, torch.Tensor) or want.shape != got.shape:
                     raise SelfCheckError(
                         f"{name} ({cls}) returns {type(want).__name__} of shape {getattr(want, 'shape', None)}, "

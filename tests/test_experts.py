@@ -332,7 +332,7 @@ def test_experts_keyword_calls_equal_stock(impl):
 
 @pytest.mark.parametrize("impl, error, reason", [
     ("sonicmoe", swiglu_hf.UnsupportedModuleError, "experts_implementation='sonicmoe' is not supported"),
-    ("deepgemm", swiglu_hf.SelfCheckError, "probe .* raised ValueError"),  # deepgemm needs bf16
+    ("deepgemm", swiglu_hf.SelfCheckError, r"module's own forward \(not the fused one\) raised ValueError"),  # deepgemm needs bf16
 ])
 def test_probe_and_unsupported_implementation_errors_are_typed_and_respect_strict(impl, error, reason):
     model = tiny("mixtral", num_hidden_layers=1)

@@ -54,7 +54,8 @@ def _assert_verified(stock, patched):
     reference = use_eager_experts(copy.deepcopy(stock).to(torch.float64))
     ref = verification._run(reference, ids)
     s, p = verification._run(stock, ids), verification._run(patched, ids)
-    bad = [c for c in verification.compare_runs(s, p, ref, torch.float32) if not c.ok]
+    sens = verification.rounding_sensitivity(stock, ids, patched_modules(patched), ref)
+    bad = [c for c in verification.compare_runs(s, p, ref, torch.float32, sens) if not c.ok]
     assert not bad, [(c.name, c.patched_err, c.limit) for c in bad]
     return s, p
 
@@ -200,6 +201,25 @@ def test_triton_backend_patches_clamped_gates_onto_the_kernels(launches):
     launches.update(fwd=0, bwd=0)
     _assert_verified(stock, patched)
     assert launches["fwd"] > 0 and launches["bwd"] > 0, launches
+
+
+def test_rounding_sensitivity_widens_only_ill_conditioned_checks_and_still_catches_a_wrong_mlp():
+    """DeepSeek-V4's hyper-connection scales sum every token and feature into 3 numbers, which cancel:
+    a one-ulp nudge of the MLPs moves them by many eps of their value, while logits and loss stay within a
+    few eps. A fused MLP off by 1e-5 (about 80 eps) still fails the rule on every MLP weight gradient."""
+    stock = tiny("deepseek_v4", "grouped_mm", swiglu_limit=0.05)
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="torch")
+    ids, eps = _ids(), torch.finfo(torch.float32).eps
+    ref = verification._run(use_eager_experts(copy.deepcopy(stock).to(torch.float64)), ids)
+    sens = verification.rounding_sensitivity(stock, ids, patched_modules(patched), ref)
+    assert sens["grad model.hc_head.hc_scale"] > 100 * eps
+    assert sens["logits"] < 20 * eps and sens["loss"] < 4 * eps
+    for name in patched_modules(patched):
+        patched.get_submodule(name).register_forward_hook(lambda m, a, out: out * (1 + 1e-5))
+    s, p = verification._run(stock, ids), verification._run(patched, ids)
+    bad = {c.name for c in verification.compare_runs(s, p, ref, torch.float32, sens) if not c.ok}
+    assert {f"grad model.layers.{i}.mlp.shared_experts.{p}.weight" for i in range(3)
+            for p in ("gate_proj", "up_proj", "down_proj")} <= bad
 
 
 MODEL_CASES = {  # model type, experts implementation, config overrides, the spec's activation
