@@ -1,9 +1,10 @@
 """Tiny Llama, Mistral, Qwen2, Qwen3, Gemma and Phi-3: patched vs stock, both backends.
 
-Each case goes through swiglu_hf.verify: logits, loss and every parameter gradient are compared
-with a float64 copy of the model, and the patched error must be at most verify.FACTOR (2) times
-the stock model's own error plus verify.FLOOR_ULPS (4) eps; greedy generate (KV cache) must
-produce the same tokens.
+Each case goes through swiglu_hf.verify: logits, loss and every parameter gradient of the whole
+model are compared with stock's (bitwise on the PyTorch path); each patched MLP's output and
+gradients are compared with that MLP run in float64, and the patched error must be at most
+verify.FACTOR (2) times the stock module's own error plus verify.FLOOR_ULPS (4) eps; greedy
+generate (KV cache) must produce the same tokens.
 """
 
 import copy
@@ -30,7 +31,9 @@ def test_family_matches_stock(name, backend):
     report = verify(name, backend=backend, seq_len=12, new_tokens=6)
     assert len(report.patched) == 2, report.table()
     assert report.ok, report.table()
-    assert {c.name for c in report.checks} == {"logits", "loss", "grads (worst)"}
+    assert {d.name for d in report.diffs} == {"logits", "loss", "grads (worst)"}
+    assert {c.group for c in report.checks} == {"output", "grad input", "grad weights"}
+    assert {c.name.split(" ")[0] for c in report.checks} == set(report.patched)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
