@@ -17,9 +17,11 @@ last --eval-fraction of the windows is held out; the first --eval-batches batche
 eval loss per variant.
 
 Per variant: the loss of every step, every step's time (tokens/s as median and IQR over the steps
-after warm-up), the eval loss, peak memory and the bytes autograd saves for backward (measured on
-the last step, which is not timed; see finetune_memory). results.json/.md are rewritten after each
-variant; plots are drawn at the end. Under `accelerate launch` the engine of the config (DDP,
+after warm-up, pooled over --repeats runs in alternating order), the eval loss, peak memory and the
+bytes autograd saves for backward (measured on the last step, which is not timed; see
+finetune_memory). A speed ratio to stock is shown only when the IQRs do not overlap
+(finetune_report.speed_vs_stock). results.json/.md are rewritten after each variant run; plots are
+drawn at the end. Under `accelerate launch` the engine of the config (DDP,
 FSDP, DeepSpeed ZeRO; ZeRO-3 builds the model under zero.Init) is used and recorded.
 
 This module imports neither torch nor transformers: `swiglu-hf finetune --help` stays fast; the
@@ -76,6 +78,7 @@ class FinetuneConfig:
     eval_batches: int = 4  # held-out batches evaluated per variant (0: all of them)
     steps: int = 12
     warmup_steps: int = 2  # left out of the timing medians (allocator, autotuning, compile)
+    repeats: int = 2  # runs of every variant, in alternating order (run_order); timed steps pooled over them
     batch_size: int = 8
     seq_len: int = 128
     grad_accum: int = 1
@@ -97,7 +100,7 @@ class FinetuneConfig:
             raise InvalidInputError("give either --model (a checkpoint) or --preset (a random-init shape), not both")
         if self.preset is not None and self.preset not in PRESETS:
             raise InvalidInputError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+        for name in ("steps", "repeats", "batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_batches < 0:
@@ -122,6 +125,16 @@ class FinetuneConfig:
                     f"the last step measures memory and {timed}")
             object.__setattr__(self, "notices", (*self.notices, note))
             object.__setattr__(self, "warmup_steps", most)
+
+    def run_order(self) -> list[tuple[int, str]]:
+        """(repeat, variant) in the order they run: forward, then backward, then forward, ... (ABBA).
+
+        Step-level interleaving would need every variant's model, optimizer and engine alive at once
+        (N x the memory, one DeepSpeed engine per Accelerator, and a peak that counts the others'
+        tensors), so variants run whole and alternate instead: in two repeats each variant sits at the
+        same mean position, so the first run's process warm-up and a linear drift of a shared host
+        weigh on every variant alike."""
+        return [(r, name) for r in range(self.repeats) for name in (self.variants if r % 2 == 0 else self.variants[::-1])]
 
     @property
     def timed_steps(self) -> range:
@@ -186,6 +199,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arg("--steps", type=_count(1), metavar="N", default=d.steps, help="optimizer steps per variant (the last one measures memory)")
     arg("--warmup-steps", type=_count(0), metavar="N", default=d.warmup_steps,
         help="first steps left out of the timing (clamped to leave one timed step)")
+    arg("--repeats", type=_count(1), metavar="N", default=d.repeats,
+        help="runs of every variant in alternating order (stock,patched then patched,stock); timed steps pooled")
     arg("--batch-size", type=_count(1), metavar="N", default=d.batch_size, help="sequences per micro-batch per process")
     arg("--seq-len", type=_count(1), metavar="N", default=d.seq_len, help="tokens per sequence (packed windows)")
     arg("--grad-accum", type=_count(1), metavar="N", default=d.grad_accum, help="micro-batches per optimizer step")
@@ -213,8 +228,8 @@ def add_parser(sub) -> None:
 
 
 _FIELDS = ("variants", "model", "preset", "data", "text_field", "eval_fraction", "eval_batches", "steps",
-           "warmup_steps", "batch_size", "seq_len", "grad_accum", "lr", "seed", "device", "mixed_precision", "backend",
-           "gradient_checkpointing", "lora", "trust_remote_code", "save", "log_every")
+           "warmup_steps", "repeats", "batch_size", "seq_len", "grad_accum", "lr", "seed", "device",
+           "mixed_precision", "backend", "gradient_checkpointing", "lora", "trust_remote_code", "save", "log_every")
 
 
 def _main(args) -> int:

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .finetune_report import MIB, loss_agreement, spread_exceeds_difference
+from .finetune_report import MIB, loss_agreement, speed_vs_stock
 
 MARKERS = ("o", "s", "^", "D", "v")
 DASHES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1)))
-
-
-def _tokens_per_step(results: dict) -> int:
-    return results["batch_size"] * results["seq_len"] * results["grad_accum"] * results["num_processes"]
 
 
 def _loss_plot(results: dict, fig) -> None:
@@ -41,26 +37,26 @@ def _speed_plot(results: dict, fig) -> bool:
     if not variants:
         return False
     ax = fig.subplots()
-    per_step = _tokens_per_step(results)
-    timed = results["timed_steps"]
-    data = [[per_step / v["step_times_s"][i] for i in timed] for v in variants.values()]
+    data = [v["timed_tokens_per_s"] for v in variants.values()]
     # whis=(0, 100): whiskers at min and max, so every timed step is inside the drawing
     ax.boxplot(data, tick_labels=list(variants), whis=(0, 100), medianprops=dict(color="black", linewidth=2))
     stock = variants.get("stock")
     noisy = []
     for x, (name, v) in enumerate(variants.items(), 1):
         label = f"{v['tokens_per_s']:,.0f}"
-        if stock is not None and v is not stock:
-            label += f"\n{v['tokens_per_s'] / stock['tokens_per_s']:.2f}x stock"
-            if spread_exceeds_difference(v, stock):
-                label += "*"
-                noisy.append(name)
+        verdict = speed_vs_stock(v, stock)
+        if verdict.endswith("x"):
+            label += f"\n{verdict} stock"
+        elif verdict:
+            label += "\nwithin noise" if verdict.startswith("within") else "\nnot compared"
+            noisy.append(name)
         ax.annotate(label, (x, v["tokens_per_s"]), xytext=(42, 0), textcoords="offset points", va="center", fontsize=8)
-    ax.set(ylabel=f"tokens/s per step ({len(timed)} timed steps)",
+    runs = results.get("repeats", 1)
+    ax.set(ylabel=f"tokens/s per step ({len(results['timed_steps'])} timed steps x {runs} run(s))",
            title=f"speed: {results['device_name']}, engine {results['engine']['name']}")
     if noisy:
-        fig.text(0.01, -0.02, f"* {', '.join(noisy)}: the tokens/s IQR overlaps stock's; the difference is within "
-                 "run-to-run spread", fontsize=8, va="top")
+        fig.text(0.01, -0.02, f"{', '.join(noisy)}: no ratio to stock, the per-step tokens/s IQRs overlap stock's "
+                 "(or too few timed steps)", fontsize=8, va="top")
     return True
 
 

@@ -55,6 +55,27 @@ def _quartiles(values: list[float]) -> list[float]:
     return [q[0], q[2]]
 
 
+def speed_stats(timed: list[float], tokens_per_step: int) -> dict:
+    """Median and IQR of the timed steps' times and tokens/s (every timed step of every repeat)."""
+    rates = [tokens_per_step / t for t in timed]  # per-step tokens/s: the distribution the plot shows
+    return {
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "tokens_per_s_iqr": _quartiles(rates),
+        "timed_tokens_per_s": rates,
+        "step_time_s": statistics.median(timed) if timed else None,
+        "step_time_iqr_s": _quartiles(timed),
+    }
+
+
+def add_repeat(result: dict, again: dict, cfg: FinetuneConfig) -> None:
+    """Fold a later run of the same variant into `result`: its timed steps join the pool; losses,
+    memory and eval stay the first run's (repeat_losses_equal says whether the runs agreed)."""
+    result["repeat_step_times_s"].append(again["step_times_s"])
+    timed = [times[i] for times in result["repeat_step_times_s"] for i in cfg.timed_steps]
+    result.update(speed_stats(timed, result["tokens_per_step"]))
+    result["repeat_losses_equal"] = result["repeat_losses_equal"] and again["losses"] == result["losses"]
+
+
 def _deepspeed_fill(accelerator, cfg: FinetuneConfig) -> None:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
@@ -186,15 +207,10 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
             save_error = f"{type(err).__name__}: {' '.join(str(err).split())}"
     accelerator.free_memory()  # drop accelerate's references so the next variant starts clean
 
-    timed = [times[i] for i in cfg.timed_steps]
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
-    rates = [tokens_per_step / t for t in timed]  # per-step tokens/s: the distribution the plot shows
     return {
         "tokens_per_step": tokens_per_step,
-        "tokens_per_s": statistics.median(rates) if rates else None,
-        "tokens_per_s_iqr": _quartiles(rates),
-        "step_time_s": statistics.median(timed) if timed else None,
-        "step_time_iqr_s": _quartiles(timed),
+        **speed_stats([times[i] for i in cfg.timed_steps], tokens_per_step),
         "step_times_s": times,
         "step_cpu_times_s": cpu_times,  # this process's CPU time (all threads): steadier than wall time on a busy host
         "losses": accelerator.reduce(torch.stack(losses), reduction="mean").tolist(),
@@ -351,7 +367,8 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
         "model": model_name, "pretrained": pretrained, "task": _task(pretrained, cfg, about_data),
         "data": {**about_data, "train_windows": len(train), "held_out_windows": held_out_windows,
                  "eval_windows": sum(len(b) for b in held_out)},
-        "steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "memory_step": cfg.steps - 1,
+        "steps": cfg.steps, "repeats": cfg.repeats, "run_order": [v for _, v in cfg.run_order()],
+        "warmup_steps": cfg.warmup_steps, "memory_step": cfg.steps - 1,
         "timed_steps": list(cfg.timed_steps), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
         "grad_accum": cfg.grad_accum, "lr": cfg.lr, "seed": cfg.seed, "backend_requested": cfg.backend,
         "lora": cfg.lora, "gradient_checkpointing": cfg.gradient_checkpointing,
@@ -367,24 +384,34 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
     if cfg.model and tokenizer is None:
         results["notices"].append(f"{cfg.model} ships no tokenizer: training on its raw UTF-8 bytes (ids 0-255)")
     say(format_header(results))
-    for variant in cfg.variants:
+    labels = {(r, v): v if r == 0 else f"{v} (run {r + 1})" for r, v in cfg.run_order()}
+    results["pending"] = list(labels.values())
+    for repeat, variant in cfg.run_order():
+        if variant in results["skipped"]:
+            continue  # said at its first run, which took its later runs off the pending list
         try:
             model = _variant_model(variant, base, cfg, accelerator)
         except VariantUnavailable as why:
             say(f"skipping variant {variant!r}: {why}")
             results["skipped"][variant] = str(why)
+            later = {labels[r, variant] for r in range(1, cfg.repeats)}
+            results["pending"] = [label for label in results["pending"] if label not in later]
         else:
             count = len(patched_modules(model))
             torch.manual_seed(cfg.seed)  # any randomness inside training starts from the same state
-            save_to = None if cfg.save is None else Path(cfg.save) / variant
-            with StepProgress(variant, cfg.steps, enabled=not quiet and accelerator.is_main_process,
-                              log_every=cfg.log_every) as progress:
-                result = train_variant(accelerator, model, batches, held_out, cfg, progress, save_to, saved_tokenizer,
-                                       track_cpu_peak=variant != "compile")
-            results["variants"][variant] = {"backend": backend_used(variant, cfg.backend, device, str(mixed)),
-                                            "patched_modules": count, **result}
+            save_to = None if cfg.save is None or repeat else Path(cfg.save) / variant  # the first run's
+            with StepProgress(labels[repeat, variant], cfg.steps, log_every=cfg.log_every,
+                              enabled=not quiet and accelerator.is_main_process) as progress:
+                result = train_variant(accelerator, model, batches, held_out, cfg, progress, save_to,
+                                       saved_tokenizer, track_cpu_peak=variant != "compile")
+            if repeat == 0:
+                results["variants"][variant] = {
+                    "backend": backend_used(variant, cfg.backend, device, str(mixed)), "patched_modules": count,
+                    **result, "repeat_step_times_s": [result["step_times_s"]], "repeat_losses_equal": True}
+            else:
+                add_repeat(results["variants"][variant], result, cfg)
             del model
-        results["pending"].remove(variant)
+        results["pending"].remove(labels[repeat, variant])
         add_loss_agreement(results["variants"])
         if on_variant is not None:
             on_variant(results)
