@@ -37,6 +37,7 @@ SEED_PLUGIN = "__main__.SeedLoraPlugin"
 STEPS = 4
 NOISE = 1e-5  # relative, per loss: the interpreter's exp differs from eager's by an ulp or so
 RESULTS: list[dict] = []
+LAUNCHES: dict = {}  # Triton kernel launches so far (count_kernel_launches)
 
 
 def record(check: str, ok: bool, **info) -> None:
@@ -105,14 +106,32 @@ def train(work: Path, cfg: dict, name: str):
     from axolotl.common.datasets import load_datasets
     from axolotl.train import train as axolotl_train
 
-    start = time.time()
+    start, launched = time.time(), sum(LAUNCHES.values())
     parsed, _ = load_cfg(work, cfg, name)
     meta = load_datasets(cfg=parsed)
     model, _, trainer = axolotl_train(cfg=parsed, dataset_meta=meta)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     if len(losses) != STEPS:
         raise SystemExit(f"{name}: expected {STEPS} logged losses, got {losses}")
-    return model, losses, round(time.time() - start, 1)
+    launches = sum(LAUNCHES.values()) - launched
+    if (launches > 0) != (cfg.get("swiglu_hf_backend") == "triton"):
+        raise SystemExit(f"{name}: {launches} Triton kernel launches with swiglu_hf_backend={cfg.get('swiglu_hf_backend')}")
+    return model, losses, round(time.time() - start, 1), launches
+
+
+def count_kernel_launches(counts: dict) -> dict:
+    """Count the Triton kernel launches (swiglu_hf.kernels.glu_fwd / glu_bwd, looked up at call time by the
+    ops), so that each run shows whether the kernels ran: 0 on the PyTorch path, > 0 on backend='triton'."""
+    from swiglu_hf import kernels
+
+    counts.update(fwd=0, bwd=0)
+    for key in ("fwd", "bwd"):
+        def counted(*args, _real=getattr(kernels, f"glu_{key}"), _key=key, **kwargs):
+            counts[_key] += 1
+            return _real(*args, **kwargs)
+
+        setattr(kernels, f"glu_{key}", counted)
+    return counts
 
 
 def rel_diff(a: list[float], b: list[float]) -> float:
@@ -137,7 +156,7 @@ def check_full(work: Path, model_dir: Path, data: Path) -> list[float]:
     from swiglu_hf import patch_report
     from swiglu_hf.patch import patched_modules
 
-    _, stock, secs = train(work, base_config(work, model_dir, data, "stock"), "stock")
+    _, stock, secs, _ = train(work, base_config(work, model_dir, data, "stock"), "stock")
     record("axolotl full stock", all(math.isfinite(x) for x in stock), losses=stock, seconds=secs)
     for name, extra, exact in [
         ("torch", {"swiglu_hf_backend": "torch"}, True),
@@ -145,12 +164,12 @@ def check_full(work: Path, model_dir: Path, data: Path) -> list[float]:
         ("tiled", {"swiglu_hf_backend": "torch", "swiglu_hf_tile_tokens": 64}, False),
     ]:
         cfg = base_config(work, model_dir, data, f"swiglu-{name}", plugins=[PLUGIN], swiglu_hf=True, **extra)
-        model, losses, secs = train(work, cfg, f"swiglu-{name}")
+        model, losses, secs, launches = train(work, cfg, f"swiglu-{name}")
         patched = patched_modules(model)
         diff = rel_diff(losses, stock)
         ok = len(patched) == 3 and not patch_report(model).refused and (losses == stock if exact else diff <= NOISE)
         record(f"axolotl full swiglu_hf ({name})", ok, patched=len(patched), losses=losses,
-               equal_to_stock=losses == stock, max_rel_diff=diff, seconds=secs)
+               equal_to_stock=losses == stock, max_rel_diff=diff, triton_launches=launches, seconds=secs)
     return stock
 
 
@@ -161,18 +180,19 @@ def check_lora(work: Path, model_dir: Path, data: Path):
             # axolotl auto-enables its Triton LoRA kernels for LoRA configs; on CPU they cannot run
             "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
             "lora_embedding_kernel": False}
-    _, stock, secs = train(work, base_config(work, model_dir, data, "lora-stock", plugins=[SEED_PLUGIN], **lora),
+    _, stock, secs, _ = train(work, base_config(work, model_dir, data, "lora-stock", plugins=[SEED_PLUGIN], **lora),
                            "lora-stock")
     record("axolotl LoRA stock (seeded in pre_lora_load)", all(math.isfinite(x) for x in stock), losses=stock,
            seconds=secs)
     for backend in ("triton", "torch"):  # the torch run's model goes on to check_lora_kernel_guard
         cfg = base_config(work, model_dir, data, f"lora-swiglu-{backend}", plugins=[SEED_PLUGIN, PLUGIN],
                           swiglu_hf=True, swiglu_hf_backend=backend, **lora)
-        model, losses, secs = train(work, cfg, f"lora-swiglu-{backend}")
+        model, losses, secs, launches = train(work, cfg, f"lora-swiglu-{backend}")
         patched, diff = patched_modules(model), rel_diff(losses, stock)
         close = losses == stock if backend == "torch" else diff <= NOISE
         record(f"axolotl LoRA swiglu_hf ({backend})", len(patched) == 3 and close, patched=len(patched),
-               losses=losses, equal_to_stock=losses == stock, max_rel_diff=diff, seconds=secs)
+               losses=losses, equal_to_stock=losses == stock, max_rel_diff=diff, triton_launches=launches,
+               seconds=secs)
     return model, cfg
 
 
@@ -227,7 +247,7 @@ def check_typos(work: Path, model_dir: Path, data: Path, stock: list[float]):
 
     typo = "swiglu_hf.integrations.axolot.SwigluPlugin"
     cfg = base_config(work, model_dir, data, "typo", plugins=[typo], swiglu_hf=True)
-    model, losses, secs = train(work, cfg, "typo")
+    model, losses, secs, _ = train(work, cfg, "typo")
     silent = patched_modules(model) == [] and losses == stock and not PluginManager.get_instance().plugins
     try:
         check_config(work / "typo.yml")
@@ -265,7 +285,11 @@ def check_trl(work: Path, model_dir: Path, data: Path):
         ds = datasets.load_dataset("json", data_files=str(data), split="train")
         trainer = SFTTrainer(model=wrap(model), args=args, train_dataset=ds,
                              processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=list(callbacks))
+        launched = sum(LAUNCHES.values())
         trainer.train()
+        triton = any(getattr(c, "patch_kwargs", {}).get("backend") == "triton" for c in callbacks)
+        if (sum(LAUNCHES.values()) > launched) != triton:
+            raise SystemExit(f"TRL {name}: Triton kernels ran: {sum(LAUNCHES.values()) > launched}, asked: {triton}")
         return [r["loss"] for r in trainer.state.log_history if "loss" in r], len(patched_modules(trainer.model))
 
     # TRL's defaults (bf16 autocast on CPU): the PyTorch path, equal as floats
@@ -297,8 +321,12 @@ def main() -> int:
     keep = os.environ.get("AXOLOTL_CHECK_WORKDIR")
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="swiglu-axolotl-"))
     work.mkdir(parents=True, exist_ok=True)
-    only = set(sys.argv[1:]) or {"full", "lora", "typos", "trl"}
+    checks = {"full", "lora", "typos", "trl"}
+    only = set(sys.argv[1:]) or checks
+    if not only <= checks:
+        raise SystemExit(f"unknown check(s) {sorted(only - checks)}; choose from {sorted(checks)}")
     model_dir, data = write_inputs(work)
+    count_kernel_launches(LAUNCHES)
     print(f"versions: {json.dumps(versions())}; work dir {work}", flush=True)
     stock = None
     if "full" in only or "typos" in only:
