@@ -21,52 +21,35 @@ from torch import nn
 
 from .errors import UnsupportedActivationError
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "sigmoid", "relu")
+_aten = torch.ops.aten
+
+# The one table of activations. Each entry: the eager forward a stock module calls, and the aten
+# backward stock autograd calls, (grad, gate, act) -> dgate, where `act` is the forward's output
+# (already rounded to the input dtype), which is what eager autograd saves for sigmoid and relu.
+EAGER = {
+    "silu": (F.silu, lambda grad, gate, act: _aten.silu_backward.default(grad, gate)),
+    "gelu": (F.gelu, lambda grad, gate, act: _aten.gelu_backward.default(grad, gate)),
+    "gelu_tanh": (functools.partial(F.gelu, approximate="tanh"),
+                  lambda grad, gate, act: _aten.gelu_backward.default(grad, gate, approximate="tanh")),
+    "sigmoid": (torch.sigmoid, lambda grad, gate, act: _aten.sigmoid_backward.default(grad, act)),
+    "relu": (torch.relu, lambda grad, gate, act: _aten.threshold_backward.default(grad, act, 0)),
+}
+ACTIVATIONS = tuple(EAGER)  # plain activations: what a module's act_fn can be
+# Activations only a gate spec names (swiglu_hf.gate writes their eager math: they take parameters).
+SPEC_ONLY = ("relu2", "silu_alpha")
+# The Triton kernels' ACT constexpr for each (swiglu_hf.kernels; tools/compile_check reads it without triton).
+KERNEL_IDS = {name: i for i, name in enumerate((*ACTIVATIONS, *SPEC_ONLY))}
 ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' ACT2FN names for the same functions
 
 
 def check_activation(name: str) -> str:
     """The canonical name of a supported activation (aliases such as "swish" map to "silu")."""
     name = ALIASES.get(name, name)
-    if name not in ACTIVATIONS:
+    if name not in EAGER:
         raise UnsupportedActivationError(
             f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)} (aliases: {', '.join(ALIASES)})"
         )
     return name
-
-
-def act_forward(name: str, gate: torch.Tensor) -> torch.Tensor:
-    """Eager activation, exactly the call a stock module makes."""
-    if name == "silu":
-        return F.silu(gate)
-    if name == "gelu":
-        return F.gelu(gate)
-    if name == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh")
-    if name == "sigmoid":
-        return torch.sigmoid(gate)
-    if name == "relu":
-        return torch.relu(gate)
-    raise UnsupportedActivationError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
-
-
-def act_backward(name: str, grad: torch.Tensor, gate: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """Eager autograd's backward of the activation: the same aten op stock backward calls.
-
-    `act` is the activation output (already rounded to the input dtype), which is what
-    eager autograd saves for sigmoid and relu.
-    """
-    if name == "silu":
-        return torch.ops.aten.silu_backward(grad, gate)
-    if name == "gelu":
-        return torch.ops.aten.gelu_backward(grad, gate)
-    if name == "gelu_tanh":
-        return torch.ops.aten.gelu_backward(grad, gate, approximate="tanh")
-    if name == "sigmoid":
-        return torch.ops.aten.sigmoid_backward(grad, act)
-    if name == "relu":
-        return torch.ops.aten.threshold_backward(grad, act, 0)
-    raise UnsupportedActivationError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
 
 
 def _partial_gelu_name(fn: functools.partial) -> str | None:

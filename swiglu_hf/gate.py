@@ -27,9 +27,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .activations import ACTIVATIONS, act_backward, act_forward, describe
+from .activations import ACTIVATIONS, EAGER, SPEC_ONLY, describe
 
-SPEC_ACTIVATIONS = (*ACTIVATIONS, "relu2", "silu_alpha")
+SPEC_ACTIVATIONS = (*ACTIVATIONS, *SPEC_ONLY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +42,24 @@ class GateSpec:
     gate_mul: float | None = None
     interleaved: bool = False
 
-    @property
+    # Cached: a patched module reads these on every call (the spec is resolved once, at patch time).
+    @functools.cached_property
     def plain(self) -> bool:
-        """Only a plain activation over halves, keyed by its name: the PyTorch path runs it through
-        activations.py (the Triton kernels run every spec, plain or not)."""
+        """Only a plain activation over halves, keyed by its name: the PyTorch path runs it as
+        act(gate) * up (the Triton kernels run every spec, plain or not)."""
         return self == GateSpec(self.activation) and self.activation in ACTIVATIONS
 
-    def key(self) -> str:
+    @functools.cached_property
+    def _key(self) -> str:
         if self.plain:
             return self.activation
         fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                   if getattr(self, f.name) != f.default and f.name != "activation"]
         return "|".join([self.activation, *fields])
+
+    def key(self) -> str:
+        """The spec as a string: what the torch.library ops take (their schemas have no GateSpec)."""
+        return self._key
 
     def describe(self) -> str:
         return self.key().replace("|", ", ")
@@ -121,11 +127,13 @@ def _activation(spec: GateSpec, gate: torch.Tensor) -> torch.Tensor:
         return gate * torch.sigmoid(gate * spec.alpha)
     if spec.activation == "relu2":
         return torch.square(F.relu(gate))
-    return act_forward(spec.activation, gate)
+    return EAGER[spec.activation][0](gate)
 
 
 def apply(spec: GateSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """h for the spec, with eager's own ops in the models' order (differentiable)."""
+    if spec.plain:  # act_fn(gate) * up, as the stock modules write it
+        return EAGER[spec.activation][0](gate) * up
     if spec.gate_mul is not None:
         gate = gate * spec.gate_mul
     if spec.gate_max is not None:
@@ -146,13 +154,18 @@ def _activation_backward(spec: GateSpec, d_a, gate, a):
     if spec.activation == "relu2":  # square(relu(gate)): pow_backward, then threshold_backward
         r = F.relu(gate)
         return torch.ops.aten.threshold_backward(d_a * (2 * r), r, 0)
-    return act_backward(spec.activation, d_a, gate, a)
+    return EAGER[spec.activation][1](d_a, gate, a)
 
 
 def backward(spec: GateSpec, dh, gate, up, with_h: bool = False):
     """(dgate, dup), optionally with h first, as eager autograd forms them for `apply`'s ops.
 
     Written out rather than differentiated: the custom ops' implementations run below autograd."""
+    if spec.plain:
+        forward, backward_of = EAGER[spec.activation]
+        act = forward(gate)
+        grads = (backward_of(dh * up, gate, act), dh * act)
+        return (act * up, *grads) if with_h else grads
     g = gate if spec.gate_mul is None else gate * spec.gate_mul
     gc = g if spec.gate_max is None else g.clamp(max=spec.gate_max)
     u = up if spec.up_limit is None else up.clamp(min=-spec.up_limit, max=spec.up_limit)

@@ -62,9 +62,10 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .activations import KERNEL_IDS
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "sigmoid": 3, "relu": 4, "relu2": 5, "silu_alpha": 6}
-PLAIN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "sigmoid", "relu")  # activations.ACTIVATIONS
+ACT_IDS = KERNEL_IDS  # the ACT constexpr of _act_fwd/_act_bwd/_gate_act (the table in swiglu_hf.activations)
 
 # Compile options of every launch (the interpreter ignores them); tools/compile_check.py compiles
 # with exactly these, so its table and Triton cache entries are the launchers' own.

@@ -7,8 +7,10 @@ Two forms share one implementation:
                   place, and the gradient is written into one (.., 2I) buffer in the same layout,
                   so neither direction copies a half.
 
-`activation` is a gate-spec key (swiglu_hf.gate): a plain activation's name, or a spec with
-clamps, alpha, up + 1, a multiplier or the interleaved layout. The Triton kernels run every spec.
+The gate is a GateSpec (swiglu_hf.gate): a plain activation, or a spec with clamps, alpha, up + 1, a
+multiplier or the interleaved layout; the Triton kernels run every spec. The eager path passes the
+spec object down; the custom ops take its key() string (their schemas have no GateSpec) and parse it
+back through a cache.
 
 `backend` ("triton" or "torch", already resolved by swiglu_hf.backend.resolve) picks the Triton
 kernels (CUDA, or CPU under TRITON_INTERPRET=1) or the PyTorch path, which runs the same aten ops
@@ -27,8 +29,13 @@ import torch
 from torch import Tensor
 
 from . import gate as gate_spec
-from .activations import act_backward, act_forward
 from .errors import BackendUnavailableError
+from .gate import GateSpec
+
+
+def as_spec(activation: GateSpec | str) -> GateSpec:
+    """A GateSpec from a spec or its key (parsed once per key: gate.parse is cached)."""
+    return activation if isinstance(activation, GateSpec) else gate_spec.parse(activation)
 
 
 def _rows(t: Tensor, col: int = 1) -> Tensor:
@@ -43,122 +50,99 @@ def _rows(t: Tensor, col: int = 1) -> Tensor:
         return t.reshape(shape)
 
 
-def _halves(x: Tensor, activation: str = "") -> tuple[Tensor, Tensor]:
-    """(gate, up) of a packed tensor: halves, or the even/odd columns of an interleaved spec."""
-    if "|" in activation:
-        return gate_spec.split_packed(x, gate_spec.parse(activation))
-    n = x.shape[-1] // 2
-    return x[..., :n], x[..., n:]
+def key_of(activation: GateSpec | str) -> str:
+    """The spec's key: what the custom ops take (under tracing the forms pass keys, never parsed)."""
+    return activation if isinstance(activation, str) else activation.key()
 
 
-def kernel_gate(activation: str) -> bool:
-    """Whether the Triton kernels implement this gate: every spec key (swiglu_hf.gate), plain or not."""
-    if "|" not in activation:
+def kernel_gate(activation: GateSpec | str) -> bool:
+    """Whether the Triton kernels implement this gate: every spec (swiglu_hf.gate), plain or not."""
+    if isinstance(activation, str) and "|" not in activation:  # a plain name: no parse (traced code calls this)
         return activation in gate_spec.SPEC_ACTIVATIONS
     try:
-        return gate_spec.parse(activation).activation in gate_spec.SPEC_ACTIVATIONS
+        return as_spec(activation).activation in gate_spec.SPEC_ACTIVATIONS
     except (TypeError, ValueError):
         return False
 
 
-def _plain(activation: str) -> bool:
-    """A plain activation over halves: the PyTorch path runs it through activations.py."""
-    return "|" not in activation and activation in gate_spec.ACTIVATIONS
-
-
-def _kernel_spec(activation: str):
+def _kernel_spec(spec: GateSpec):
     """What kernels.glu_fwd / glu_bwd take: the name of a plain activation, else the GateSpec."""
-    return activation if _plain(activation) else gate_spec.parse(activation)
+    return spec.activation if spec.plain else spec
 
 
-def _interleaved(activation: str) -> bool:
-    return "|" in activation and gate_spec.parse(activation).interleaved
-
-
-def _col(activation: str) -> int:
-    return 2 if _interleaved(activation) else 1
-
-
-def _packed_rows(x: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+def _packed_rows(x: Tensor, spec: GateSpec) -> tuple[Tensor, Tensor]:
     """(gate, up) of a packed tensor as 2-D (rows, n) views: halves, or strided even/odd columns."""
-    if _interleaved(activation):
+    if spec.interleaved:
         x2 = _rows(x)
         return x2[:, 0::2], x2[:, 1::2]
-    return tuple(_rows(t) for t in _halves(x, activation))
+    return tuple(_rows(t) for t in gate_spec.split_packed(x, spec))
 
 
 def _on_device(t: Tensor):
     """Launch on t's GPU, not the current one (Triton launches on torch.cuda.current_device())."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(t.device) if t.is_cuda and t.device.index != torch.cuda.current_device() \
+        else contextlib.nullcontext()
 
 
-def _check_kernel_gate(activation: str) -> None:
-    if not kernel_gate(activation):
-        raise BackendUnavailableError(f"the Triton kernels do not implement the gate {activation!r}; use backend='torch' or 'auto'")
+def _check_kernel_gate(spec: GateSpec) -> None:
+    if not kernel_gate(spec):
+        raise BackendUnavailableError(f"the Triton kernels do not implement the gate {spec.key()!r}; use backend='torch' or 'auto'")
 
 
-def _fwd_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
-    """The split form: gate and up separate (any layout: copied to unit column stride if need be)."""
+# ---- the bodies: parts = (gate, up) or (gate_up,), a GateSpec, a resolved backend ------------
+
+def forward(parts, spec: GateSpec, backend: str) -> Tensor:
+    """h = the spec's gate of the parts. PyTorch path: eager's ops (gate.apply); Triton: one kernel,
+    gate and up read in place (split: copied to unit column stride if need be)."""
     if backend != "triton":
-        return _torch_fwd(gate, up, activation)
-    _check_kernel_gate(activation)
-    return _triton_fwd(_rows(gate), _rows(up), gate.shape, activation)
-
-
-def _packed_fwd(x: Tensor, activation: str, backend: str) -> Tensor:
-    """The packed form: gate and up read in place from x, halves or interleaved."""
-    if backend != "triton":
-        return _torch_fwd(*_halves(x, activation), activation)
-    _check_kernel_gate(activation)
-    return _triton_fwd(*_packed_rows(x, activation), (*x.shape[:-1], x.shape[-1] // 2), activation)
-
-
-def _torch_fwd(gate: Tensor, up: Tensor, activation: str) -> Tensor:
-    if not _plain(activation):
-        return gate_spec.apply(gate_spec.parse(activation), gate, up)
-    return act_forward(activation, gate) * up
-
-
-def _triton_fwd(gate2d: Tensor, up2d: Tensor, shape, activation: str) -> Tensor:
+        return gate_spec.apply(spec, *(parts if len(parts) == 2 else gate_spec.split_packed(parts[0], spec)))
     from . import kernels
 
+    _check_kernel_gate(spec)
+    if len(parts) == 2:
+        gate2d, up2d, shape = _rows(parts[0]), _rows(parts[1]), parts[0].shape
+    else:
+        x = parts[0]
+        (gate2d, up2d), shape = _packed_rows(x, spec), (*x.shape[:-1], x.shape[-1] // 2)
     h = torch.empty(shape, dtype=gate2d.dtype, device=gate2d.device)
     with _on_device(gate2d):
-        kernels.glu_fwd(gate2d, up2d, _rows(h), _kernel_spec(activation))
+        kernels.glu_fwd(gate2d, up2d, _rows(h), _kernel_spec(spec))
     return h
 
 
-def _torch_bwd(dh, gate, up, activation: str, with_h: bool = False):
-    """(dgate, dup) exactly as eager autograd forms them for act(gate) * up; with_h adds h."""
-    if not _plain(activation):
-        return gate_spec.backward(gate_spec.parse(activation), dh, gate, up, with_h=with_h)
-    act = act_forward(activation, gate)
-    grads = (act_backward(activation, dh * up, gate, act), dh * act)
-    return (act * up, *grads) if with_h else grads
-
-
-def _triton_bwd(dh, gate, up, dgate, dup, activation: str, h=None, col: int = 1) -> None:
-    """Writes the grads of the gate into dgate and dup (fresh buffers or views of one). Split form:
-    tensors of any layout (copied to unit column stride if need be); packed forms: 2-D views, of
-    column stride `col` = 2 for an interleaved spec."""
+def grads(dh: Tensor, parts, spec: GateSpec, backend: str, with_h: bool = False):
+    """(h or None, grads of the parts) exactly as eager autograd forms them (gate.backward); with_h also
+    returns h from the same pass over gate and up. Every call allocates fresh outputs."""
+    packed = len(parts) == 1
+    if backend != "triton":
+        halves = gate_spec.split_packed(parts[0], spec) if packed else parts
+        out = gate_spec.backward(spec, dh, *halves, with_h=with_h)
+        h, d = (out[0], out[1:]) if with_h else (None, out)
+        return h, ((gate_spec.interleave(*d, spec),) if packed else d)
     from . import kernels
 
-    _check_kernel_gate(activation)
-    with _on_device(gate):
+    _check_kernel_gate(spec)
+    first = parts[0]
+    if packed:
+        dx = torch.empty(first.shape, dtype=first.dtype, device=first.device)
+        (gate, up), (dgate, dup) = _packed_rows(first, spec), _packed_rows(dx, spec)
+        col, d = (2 if spec.interleaved else 1), (dx,)
+        h_shape = (*first.shape[:-1], first.shape[-1] // 2)
+    else:
+        (gate, up), col = parts, 1
+        dgate, dup = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in parts)
+        d, h_shape = (dgate, dup), first.shape
+    h = torch.empty(h_shape, dtype=first.dtype, device=first.device) if with_h else None
+    with _on_device(first):
         kernels.glu_bwd(_rows(dh), _rows(gate, col), _rows(up, col), _rows(dgate, col), _rows(dup, col),
-                        _kernel_spec(activation), None if h is None else _rows(h))
-
-
-def _packed_grad(x: Tensor, activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """A fresh (.., 2I) gradient buffer and its (dgate, dup) 2-D views in the spec's layout."""
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return (dx, *_packed_rows(dx, activation))
+                        _kernel_spec(spec), None if h is None else _rows(h))
+    return h, d
 
 
 # ---- split form -------------------------------------------------------------------------
 
 def _glu_fwd_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
-    return _fwd_impl(gate, up, activation, backend)
+    return forward((gate, up), as_spec(activation), backend)
 
 
 def _glu_fake(gate, up, activation, backend):
@@ -171,12 +155,7 @@ glu_fwd.register_fake(_glu_fake)
 
 
 def _glu_bwd_impl(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
-    if backend != "triton":
-        return _torch_bwd(dh, gate, up, activation)
-    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    _triton_bwd(dh, gate, up, dgate, dup, activation)
-    return dgate, dup
+    return grads(dh, (gate, up), as_spec(activation), backend)[1]
 
 
 glu_bwd = torch.library.custom_op("swiglu_hf::glu_bwd", mutates_args=())(_glu_bwd_impl)
@@ -204,7 +183,7 @@ glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup)
 # ---- packed form ------------------------------------------------------------------------
 
 def _glu_packed_fwd_impl(x: Tensor, activation: str, backend: str) -> Tensor:
-    return _packed_fwd(x, activation, backend)
+    return forward((x,), as_spec(activation), backend)
 
 
 def _glu_packed_fake(x, activation, backend):
@@ -217,14 +196,7 @@ glu_packed_fwd.register_fake(_glu_packed_fake)
 
 
 def _glu_packed_bwd_impl(dh: Tensor, x: Tensor, activation: str, backend: str) -> Tensor:
-    if backend != "triton":
-        if not _plain(activation):
-            spec = gate_spec.parse(activation)
-            return gate_spec.interleave(*gate_spec.backward(spec, dh, *_halves(x, activation)), spec)
-        return torch.cat(_torch_bwd(dh, *_halves(x), activation), dim=-1)  # as stock's chunk backward
-    dx, dgate, dup = _packed_grad(x, activation)
-    _triton_bwd(dh, *_packed_rows(x, activation), dgate, dup, activation, col=_col(activation))
-    return dx
+    return grads(dh, (x,), as_spec(activation), backend)[1][0]
 
 
 glu_packed_bwd = torch.library.custom_op("swiglu_hf::glu_packed_bwd", mutates_args=())(_glu_packed_bwd_impl)
@@ -255,7 +227,7 @@ glu_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup)
 # save it, undoing the memory saving. Distinct, opaque ops keep the recompute in the backward.
 
 def _glu_fwd_recompute_impl(gate: Tensor, up: Tensor, activation: str, backend: str) -> Tensor:
-    return _fwd_impl(gate, up, activation, backend)
+    return forward((gate, up), as_spec(activation), backend)
 
 
 glu_fwd_recompute = torch.library.custom_op("swiglu_hf::glu_fwd_recompute", mutates_args=())(_glu_fwd_recompute_impl)
@@ -264,7 +236,7 @@ glu_fwd_recompute.register_fake(_glu_fake)
 
 
 def _glu_packed_fwd_recompute_impl(x: Tensor, activation: str, backend: str) -> Tensor:
-    return _packed_fwd(x, activation, backend)
+    return forward((x,), as_spec(activation), backend)
 
 
 glu_packed_fwd_recompute = torch.library.custom_op("swiglu_hf::glu_packed_fwd_recompute", mutates_args=())(_glu_packed_fwd_recompute_impl)
@@ -288,10 +260,7 @@ def _(x, weight, bias):
 # default memory mode, whose backward needs h only for down_proj's weight gradient.
 
 def _glu_bwd_with_h_impl(dh: Tensor, gate: Tensor, up: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend != "triton":
-        return _torch_bwd(dh, gate, up, activation, with_h=True)
-    h, dgate, dup = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(3))
-    _triton_bwd(dh, gate, up, dgate, dup, activation, h=h)
+    h, (dgate, dup) = grads(dh, (gate, up), as_spec(activation), backend, with_h=True)
     return h, dgate, dup
 
 
@@ -303,16 +272,7 @@ def _(dh, gate, up, activation, backend):
 
 
 def _glu_packed_bwd_with_h_impl(dh: Tensor, x: Tensor, activation: str, backend: str) -> tuple[Tensor, Tensor]:
-    if backend != "triton":
-        if not _plain(activation):
-            spec = gate_spec.parse(activation)
-            h, d_gate, d_up = gate_spec.backward(spec, dh, *_halves(x, activation), with_h=True)
-            return h, gate_spec.interleave(d_gate, d_up, spec)
-        h, dgate, dup = _torch_bwd(dh, *_halves(x), activation, with_h=True)
-        return h, torch.cat((dgate, dup), dim=-1)
-    h = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
-    dx, dgate, dup = _packed_grad(x, activation)
-    _triton_bwd(dh, *_packed_rows(x, activation), dgate, dup, activation, h=h, col=_col(activation))
+    h, (dx,) = grads(dh, (x,), as_spec(activation), backend, with_h=True)
     return h, dx
 
 
@@ -325,11 +285,11 @@ def _(dh, x, activation, backend):
 
 # ---- eager fast path --------------------------------------------------------------------
 # A torch.library custom op costs tens of microseconds of host time per call (schema parsing,
-# dispatch, autograd registration), measured on CPU at 50-250 us for one tiny MLP call
-# (docs/BENCHMARKS.md, "Host overhead"). The op is what torch.compile, FakeTensor modes and functorch
+# dispatch, autograd registration). The op is what torch.compile, FakeTensor modes and functorch
 # need; plain eager execution does not. So when nothing traces or intercepts (no compile, no
-# dispatch mode, no functorch transform, plain tensors), the same bodies run directly under a small
-# autograd.Function; otherwise the custom ops run. Both give identical results.
+# dispatch mode, no functorch transform, plain tensors), the bodies above run directly, with the
+# GateSpec object (never a key to parse), under a small autograd.Function; otherwise the custom
+# ops run with the spec's key. Both give identical results.
 
 def eager_ok(*tensors: Tensor) -> bool:
     return (
@@ -341,53 +301,46 @@ def eager_ok(*tensors: Tensor) -> bool:
 
 
 class _EagerGlu(torch.autograd.Function):
-    """h = gate(parts) with the custom ops' bodies: saves the parts, recomputes in backward."""
+    """h = gate(parts) with the bodies above: saves the parts, recomputes in backward."""
 
     @staticmethod
-    def forward(ctx, activation, backend, *parts):
+    def forward(ctx, spec, backend, *parts):
         ctx.save_for_backward(*parts)
-        ctx.activation, ctx.backend = activation, backend
-        if len(parts) == 2:
-            return _glu_fwd_impl(*parts, activation, backend)
-        return _glu_packed_fwd_impl(parts[0], activation, backend)
+        ctx.spec, ctx.backend = spec, backend
+        return forward(parts, spec, backend)
 
     @staticmethod
     def backward(ctx, dh):
-        parts = ctx.saved_tensors
-        if len(parts) == 2:
-            return (None, None, *_glu_bwd_impl(dh, *parts, ctx.activation, ctx.backend))
-        return None, None, _glu_packed_bwd_impl(dh, parts[0], ctx.activation, ctx.backend)
+        return (None, None, *grads(dh, ctx.saved_tensors, ctx.spec, ctx.backend)[1])
 
 
-def glu(parts, activation: str, backend: str) -> Tensor:
+def glu(parts, activation: GateSpec | str, backend: str) -> Tensor:
     """act(gate) * up of (gate, up) or of (gate_up,) (backend already resolved)."""
     if eager_ok(*parts):
+        spec = as_spec(activation)
         if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
-            return _EagerGlu.apply(activation, backend, *parts)
-        if len(parts) == 2:
-            return _glu_fwd_impl(*parts, activation, backend)
-        return _glu_packed_fwd_impl(parts[0], activation, backend)
+            return _EagerGlu.apply(spec, backend, *parts)
+        return forward(parts, spec, backend)
     if len(parts) == 2:
-        return glu_fwd(*parts, activation, backend)
-    return glu_packed_fwd(parts[0], activation, backend)
+        return glu_fwd(*parts, key_of(activation), backend)
+    return glu_packed_fwd(parts[0], key_of(activation), backend)
 
 
-def glu_recompute(parts, activation: str, backend: str) -> Tensor:
+def glu_recompute(parts, activation: GateSpec | str, backend: str) -> Tensor:
     """glu in a backward (no grad): the recompute twins under tracing, the bodies otherwise."""
+    if eager_ok(*parts):
+        return forward(parts, as_spec(activation), backend)
     if len(parts) == 2:
-        fn = _glu_fwd_recompute_impl if eager_ok(*parts) else glu_fwd_recompute
-        return fn(*parts, activation, backend)
-    fn = _glu_packed_fwd_recompute_impl if eager_ok(*parts) else glu_packed_fwd_recompute
-    return fn(parts[0], activation, backend)
+        return glu_fwd_recompute(*parts, key_of(activation), backend)
+    return glu_packed_fwd_recompute(parts[0], key_of(activation), backend)
 
 
-def glu_grads_and_h(dh: Tensor, parts, activation: str, backend: str):
+def glu_grads_and_h(dh: Tensor, parts, activation: GateSpec | str, backend: str):
     """(h, grads of parts) in one pass over gate and up."""
-    eager = eager_ok(dh, *parts)
+    if eager_ok(dh, *parts):
+        return grads(dh, parts, as_spec(activation), backend, with_h=True)
     if len(parts) == 2:
-        fn = _glu_bwd_with_h_impl if eager else glu_bwd_with_h
-        h, dgate, dup = fn(dh, *parts, activation, backend)
+        h, dgate, dup = glu_bwd_with_h(dh, *parts, key_of(activation), backend)
         return h, (dgate, dup)
-    fn = _glu_packed_bwd_with_h_impl if eager else glu_packed_bwd_with_h
-    h, dgate_up = fn(dh, parts[0], activation, backend)
+    h, dgate_up = glu_packed_bwd_with_h(dh, parts[0], key_of(activation), backend)
     return h, (dgate_up,)

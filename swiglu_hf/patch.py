@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .backend import ensure_triton
+from .distributed import SHARDED_HINT, fsdp_units, sharded_params, under_fsdp
 from .errors import (
     InvalidInputError, NoGatedMLPError, NotPicklableError, PatchRefusedWarning, SelfCheckError, SwigluError,
     UnsupportedActivationError, UnsupportedModuleError,
@@ -39,6 +40,7 @@ class PatchState:
     tile_tokens: int | str | None = None  # None: default mode (saves H+2I); int or "auto": tiled (saves H)
     # (form.tiles False: always the default mode)
     probe_pending: str | None = None  # patched on meta weights or FSDP shards: the name whose probe runs at first forward
+    plan: object = field(default=None, repr=False, compare=False)  # the form's per-call plan (built at first call)
 
     # A bound method of the fused forward cannot be unpickled (pickle stores it as
     # getattr(module, "_fused_forward")): torch.save(model) would write a file torch.load cannot
@@ -50,11 +52,12 @@ class PatchState:
             "apply_swiglu_patch after loading, or revert_swiglu_patch(model) before torch.save"
         )
 
+    # A copy gets no plan: the plan holds the original module's children (the copy builds its own).
     def __copy__(self):
-        return type(self)(**{f.name: getattr(self, f.name) for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "plan"})
 
     def __deepcopy__(self, memo):
-        return type(self)(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
+        return type(self)(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self) if f.name != "plan"})
 
 
 @dataclass
@@ -75,7 +78,12 @@ def _fused_forward(self, *args, **kwargs):
     state = self.__dict__[STATE_ATTR]
     if state.probe_pending is not None:
         _deferred_probe(self, state)
-    return state.recipe.form.forward(self, state, *args, **kwargs)
+    form = state.recipe.form
+    if len(args) == 1 and not kwargs:  # mlp(x): the form's per-call plan, when it has one
+        y = form.fast_forward(self, state, args[0])
+        if y is not None:
+            return y
+    return form.forward(self, state, *args, **kwargs)
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -90,9 +98,6 @@ def patched_modules(model: nn.Module) -> list[str]:
 def patch_report(model: nn.Module) -> PatchReport | None:
     """The PatchReport of the last apply_swiglu_patch(model, ...), or None if there was none."""
     return model.__dict__.get(REPORT_ATTR)
-
-
-default_filter = patch_everything  # kept for callers of the 0.1 name
 
 
 def _forward_attr(module: nn.Module) -> str:
@@ -133,35 +138,10 @@ def _deferred_probe(module: nn.Module, state: PatchState) -> None:
     except SelfCheckError as err:
         del module.__dict__[STATE_ATTR]  # stays on its stock forward
         text = str(err).replace("it was left unpatched", "swiglu_hf put its stock forward back (later forwards run stock)")
-        raise SelfCheckError(text + (_SHARDED_HINT if _sharded_params(module) else "")) from err.__cause__
+        raise SelfCheckError(text + (SHARDED_HINT if sharded_params(module) else "")) from err.__cause__
     module.__dict__[state.attr] = fused
     if done:
         state.probe_pending = None
-
-
-_FSDP_CLASSES = ("FullyShardedDataParallel", "FSDPModule")  # FSDP1 wrapper; FSDP2 fully_shard's mixin
-
-
-def _fsdp_units(model: nn.Module) -> list[str]:
-    """Qualified names of the FSDP1/FSDP2 units in `model` ("" for the model itself), by class name (no import)."""
-    return [name for name, m in model.named_modules() if any(c.__name__ in _FSDP_CLASSES for c in type(m).__mro__)]
-
-
-def _under_fsdp(name: str, units: list[str]) -> bool:
-    """Whether the module `name` lies inside (or is) one of the FSDP units: its weights are shards outside forward."""
-    return any(u == "" or name == u or name.startswith(u + ".") for u in units)
-
-
-def _sharded_params(module: nn.Module) -> bool:
-    """DTensor parameters (FSDP2, tensor parallel): the probe cannot run the module's forward on them."""
-    return any(any(c.__name__ == "DTensor" for c in type(p).__mro__) for p in module.parameters())
-
-
-_SHARDED_HINT = (
-    " Its parameters are distributed shards (DTensor / FSDP flat parameters) outside an FSDP-managed forward: "
-    "call apply_swiglu_patch(model) (or build the model inside swiglu_hf.patching()) before accelerator.prepare, "
-    "fully_shard or parallelize_module."
-)
 
 
 def _mlp_like_classes(model: nn.Module) -> list[str]:
@@ -271,17 +251,17 @@ def apply_swiglu_patch(
     # Under FSDP (patched after accelerator.prepare / fully_shard) a module's weights are shards except
     # inside the forward of its FSDP unit, where FSDP has gathered them: the probe runs there, at each
     # instance's first forward (no collective of ours; every rank probes the same full weights).
-    fsdp = _fsdp_units(model)
+    fsdp = fsdp_units(model)
     checked, failed, deferred = set(), {}, set()
     for name, module, state in plans:
         key = (type(module), state.recipe.name, state.activation)
         if key not in checked:
             checked.add(key)
             try:
-                if _under_fsdp(name, fsdp) or not run_probe(name, module, state):
+                if under_fsdp(name, fsdp) or not run_probe(name, module, state):
                     deferred.add(key)
             except SelfCheckError as err:
-                hint = _SHARDED_HINT if _sharded_params(module) else ""
+                hint = SHARDED_HINT if sharded_params(module) else ""
                 if strict:
                     if hint:
                         raise SelfCheckError(f"{err}{hint}") from err.__cause__

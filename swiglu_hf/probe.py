@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import SelfCheckError
-from .integrations.deepspeed import gathered
+from .distributed import gathered
 from .numerics import rel_err
 
 F64_RTOL = 1e-12
@@ -132,7 +132,7 @@ def _run(name: str, module: nn.Module, state, float64: bool) -> None:
     cls = type(module).__name__
     form, projections = state.recipe.form, state.recipe.projections
     clone = probe_copy(module, float64)
-    probe_state = dataclasses.replace(state, backend="torch", tile_tokens=None, probe_pending=None)
+    probe_state = dataclasses.replace(state, backend="torch", tile_tokens=None, probe_pending=None, plan=None)
     generator = torch.Generator().manual_seed(0)
     inputs = form.probe_inputs(clone, projections, generator)
     if not inputs:

@@ -126,8 +126,7 @@ def _fail(bad):
 def test_matrix_is_what_the_launchers_produce(monkeypatch):
     from swiglu_hf import kernels
 
-    assert cc.ACTIVATIONS == kernels.PLAIN_ACTIVATIONS
-    assert set(cc.ACTIVATIONS + cc.SPEC_ACTIVATIONS) == set(kernels.ACT_IDS)
+    # the activations are one table (swiglu_hf.activations); the spec gates compiled must reach each spec-only one
     assert {cc.base_activation(k) for k in cc.SPEC_GATES} >= set(cc.SPEC_ACTIVATIONS)
     monkeypatch.setattr(kernels, "INTERPRET", False)  # the GPU path's tile, as on a CUDA device
     shapes = {kernels._blocks(n) for n in range(1, 20000)}

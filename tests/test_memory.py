@@ -16,7 +16,7 @@ import torch
 
 from swiglu_hf import InvalidInputError, apply_swiglu_patch, patched_modules, revert_swiglu_patch
 from swiglu_hf.memory import saved_activation_bytes
-from swiglu_hf.gated import AUTO_TILE_BYTES, auto_tile_tokens
+from swiglu_hf.tiled import AUTO_TILE_BYTES, auto_tile_tokens
 from swiglu_hf.tools.models import build_tiny
 
 from .conftest import assert_like_stock

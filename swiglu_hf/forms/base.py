@@ -16,6 +16,8 @@ of its projections; the form does the rest:
                                           implementations the probe compares
     forward(module, state, *args, **kwargs)
                                           the fused forward, in state.tile_tokens' memory mode
+    fast_forward(module, state, x)        the same for a call with one input, from what the form
+                                          resolved once per instance (host time), or None: forward runs
     tiles                                 whether tile_tokens applies (else the default mode runs)
 """
 
@@ -81,3 +83,6 @@ class Form:
 
     def forward(self, module: nn.Module, state, *args, **kwargs):
         raise NotImplementedError
+
+    def fast_forward(self, module: nn.Module, state, x):
+        return None

@@ -24,11 +24,16 @@ still run; only act(gate) * up is fused (swiglu_hf.gated for the memory modes).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..gated import dense_mlp
+from .. import ops
+from ..backend import BACKEND_ENV
+from ..distributed import is_partitioned
+from ..gated import GLUDown, down_of_glu, linear, plain_linear, resolve_gate
+from ..tiled import TiledMLP, TiledRecompute, TiledZero3, _trainable, auto_tile_tokens, draws_random
 from .base import PROBE_SCALES, Form
 
 _PROBE_LAYERS = 2  # adapter layer indices the probe runs (an adapter and an identity, where both exist)
@@ -188,6 +193,15 @@ class DenseForm(Form):
                          state.tile_tokens, post=post if isinstance(post, nn.Module) else None,
                          out_mul=_out_multiplier(module))
 
+    def fast_forward(self, module, state, x):
+        """The per-call path of the common case, or None where forward() must run (see _Plan)."""
+        plan = state.plan
+        if plan is None or plan.children != tuple(module._modules.values()):
+            plan = state.plan = _Plan(self, module, state)
+        if not plan.lean or type(x) is not Tensor or not ops.eager_ok():
+            return None
+        return plan.run(module, x)
+
 
 class SplitForm(DenseForm):
     name, roles, input_roles = "split", ("gate", "up", "down"), ("gate", "up")
@@ -208,3 +222,99 @@ class PackedForm(DenseForm):
         out, inp = _declared(gate_up, "out_features"), _declared(down, "in_features")
         return out is None or inp is None or out == 2 * inp
 
+
+# ---- the per-call path ------------------------------------------------------------------------
+# A patched call must cost no more host time than the stock one (decoding, small models: the GPU
+# waits on Python). So everything that does not change between calls is resolved once per instance
+# and the call only executes it: the projections and down_proj (F.linear directly while they are
+# plain nn.Linear), the GateSpec object, the backend per (device, dtype), and the autograd path.
+
+class _Plan:
+    """A dense module's resolved forward (docs/ARCHITECTURE.md "The per-call path").
+
+    Valid while the module's children are the same objects: a LoRA wrapper or any replacement made
+    after the patch changes them, and the plan is rebuilt. Hooks added later (accelerate, ZeRO-3 after
+    deepspeed.initialize) are seen per call by plain_linear, which decides between F.linear and
+    calling the module. `lean` is False for what the general forward handles: tiled mode, optional
+    roles (sub-norm, adapters, per-channel scales); then forward() runs."""
+
+    __slots__ = ("children", "lean", "projections", "down", "spec", "backend", "out_mul", "_backends")
+
+    def __init__(self, form: DenseForm, module: nn.Module, state):
+        p = state.recipe.projections
+        self.children = tuple(module._modules.values())
+        optional = [r for r in form.optional_roles if r in p and _attr(module, p[r]) is not None]
+        self.lean = state.tile_tokens is None and not optional
+        self.projections = tuple(getattr(module, p[r]) for r in form.input_roles)
+        self.down = getattr(module, p["down"])
+        self.spec = ops.as_spec(state.activation)
+        self.backend = state.backend
+        self.out_mul = "down_multiplier" in module.__dict__  # Falcon-H1: read per call, as stock does
+        self._backends: dict = {}
+
+    def _resolve(self, x: Tensor) -> str:
+        key = (x.device, x.dtype, os.environ.get(BACKEND_ENV))
+        backend = self._backends.get(key)
+        if backend is None:
+            backend = self._backends[key] = resolve_gate(self.backend, self.spec, x.device, x.dtype)
+        return backend
+
+    def run(self, module: nn.Module, x: Tensor) -> Tensor:
+        backend, spec, down = self._resolve(x), self.spec, self.down
+        parts = tuple([linear(m, x) for m in self.projections])
+        if torch.is_grad_enabled():
+            if plain_linear(down):  # saves gate and up, never h (GLUDown); one autograd node
+                y = GLUDown.apply(down.weight, down.bias, spec, backend, *parts)
+            else:  # LoRA / quantized / hooked down_proj: called as stock calls it, h dropped by a hook
+                y = down_of_glu(down, parts, spec, backend)
+        else:  # nothing saved: the fused op between the linears
+            y = linear(down, ops.forward(parts, spec, backend))
+        if self.out_mul:
+            out_mul = _out_multiplier(module)
+            return y if out_mul is None else y * out_mul
+        return y
+
+
+# ---- the general forward (split and packed forms, every memory mode) ------------------------
+
+def _out_width(m: nn.Module) -> int | None:
+    width = getattr(m, "out_features", None)
+    if width is None and isinstance(getattr(m, "weight", None), torch.Tensor):
+        width = m.weight.shape[0]
+    return width
+
+
+def dense_mlp(module: nn.Module, x, projections, down_proj, activation: str, backend: str, tile_tokens,
+              post: nn.Module | None = None, out_mul: float | None = None):
+    """down_proj(post(gate(...))) * out_mul with `projections` (gate_proj, up_proj) or (gate_up_proj,)."""
+    y = _dense(module, x, projections, down_proj, activation, resolve_gate(backend, activation, x.device, x.dtype),
+               tile_tokens, post)
+    return y if out_mul is None else y * out_mul
+
+
+def _dense(module, x, projections, down_proj, activation, backend, tile_tokens, post):
+    def plain(x):
+        h = ops.glu(tuple(p(x) for p in projections), activation, backend)
+        return down_proj(h if post is None else post(h))
+
+    random = tile_tokens is not None and draws_random(module)
+    if tile_tokens is not None and (torch.is_grad_enabled() or random):
+        width = _out_width(projections[0])
+        if len(projections) == 1 and width is not None:
+            width //= 2
+        tile = auto_tile_tokens(width, x.element_size()) if tile_tokens == "auto" else tile_tokens
+        if not torch.is_grad_enabled():
+            # Only reached with random submodules: draw dropout masks tile by tile, as the grad-mode
+            # path does, so a reentrant checkpoint's no-grad forward and its recompute agree.
+            return TiledRecompute.apply(plain, tile, random, x)
+        if post is None and all(plain_linear(m) for m in (*projections, down_proj)):
+            weights = [t for m in (*projections, down_proj) for t in (m.weight, m.bias)]
+            return TiledMLP.apply(activation, backend, tile, x, *weights)
+        params = _trainable(module)
+        if is_partitioned(module):
+            anchor = None if x.requires_grad else x.new_empty(0).requires_grad_()
+            return TiledZero3.apply(plain, tile, random, params, x, anchor)
+        return TiledRecompute.apply(plain, tile, random, x, *params)
+    if not torch.is_grad_enabled():
+        return plain(x)
+    return down_of_glu(down_proj, tuple(p(x) for p in projections), activation, backend, post)

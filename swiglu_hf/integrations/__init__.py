@@ -2,8 +2,7 @@
 
     from swiglu_hf.integrations import SwigluCallback      # Hugging Face Trainer (trainer.py)
 
-deepspeed.py gathers ZeRO-3 parameters for the patch-time probe. SwigluCallback is loaded on first
-use, so the core can import deepspeed.py without importing the Trainer.
+SwigluCallback is loaded on first use: importing this package imports no framework.
 """
 
 __all__ = ["SwigluCallback"]

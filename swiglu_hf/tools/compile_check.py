@@ -77,13 +77,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+# the kernels' activations (swiglu_hf.activations' table: kernels.ACT_IDS without importing triton)
+from swiglu_hf.activations import ACTIVATIONS, SPEC_ONLY as SPEC_ACTIVATIONS
+
 DTYPES = ("fp32", "fp16", "bf16")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "sigmoid", "relu")  # kernels.ACT_IDS, without importing triton
 KERNELS = ("fwd", "bwd", "bwd_h")  # glu_fwd; glu_bwd without h (STORE_H=False); glu_bwd with h
 BLOCK_NS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 TILE = 2048  # kernels._blocks() outside the interpreter
-SPEC_ACTIVATIONS = ("relu2", "silu_alpha")  # the rest of kernels.ACT_IDS: gate specs only
 # Gate specs as the models' modules give them (swiglu_hf.gate keys; the values are runtime fp32
 # arguments, so these stand for every limit / alpha / multiplier)
 SPEC_GATES = (
@@ -409,7 +410,7 @@ def _launch_args(spec: Spec):
     if spec.aligned and (n % 16 or spec.block_n < 16):
         raise ValueError(f"BLOCK_N={spec.block_n} only arises for N < 16, never 16-aligned: use aligned=False")
     stride = 2 * n if spec.aligned else n  # packed gate_up rows when aligned; odd otherwise
-    if spec.activation in kernels.PLAIN_ACTIVATIONS:
+    if spec.activation in ACTIVATIONS:
         gate_args = kernels.spec_args(spec.activation)
     else:
         from swiglu_hf import gate

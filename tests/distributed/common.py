@@ -265,7 +265,7 @@ def load_for_order(ckpt, order: str, patch_before: tuple[str, ...]):
     loading for the orders in patch_before (an order "X_tiled" as X, in the tiled mode). Returns (model,
     whether ZeRO-3 partitioned it at load)."""
     import swiglu_hf
-    from swiglu_hf.integrations.deepspeed import is_partitioned
+    from swiglu_hf.distributed import is_partitioned
 
     base = order.removesuffix("_tiled")
     if base == "class":
