@@ -413,6 +413,34 @@ def test_a_failed_save_keeps_the_results_and_fails_in_one_line(tmp_path, monkeyp
     assert "patched: --save failed: ValueError: disk full second line" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_readme_gguf_snippet_loads_patches_and_saves(tmp_path):
+    """The README's Python for a .gguf file, run on the tiny GGUF (its folder and file name substituted)."""
+    pytest.importorskip("gguf", reason="the gguf package (in the test extra) is not installed")
+    readme = (ROOT / "README.md").read_text()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "gguf_file=" in block)
+    save_tiny_gguf(tmp_path / "tiny.gguf")
+    code = snippet.replace('"./models"', repr(str(tmp_path))).replace('"SmolLM2-135M.Q8_0.gguf"', '"tiny.gguf"')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    model, tokenizer = scope["model"], scope["tokenizer"]
+    assert len(patched_modules(model)) == model.config.num_hidden_layers
+    assert tokenizer("hé")["input_ids"][-2:] == [*"hé".encode()][-2:]
+    assert "plain_checkpoint(model)" in readme
+    with finetune_run.plain_checkpoint(model):
+        model.save_pretrained(tmp_path / "saved")
+    assert getattr(model, "hf_quantizer", None) is not None  # the marker is back after the save
+
+
+def test_model_errors_offer_only_models_finetune_can_train(capsys):
+    # the verify built-ins (vocabulary 96, no tokenizer) cannot train on byte tokens: refused up front, not listed
+    for spec, says in (("tiny-mistral", "'tiny-mistral' is a built-in of `swiglu-hf verify` with a vocabulary of 96"),
+                       ("no/such/dir", "'no/such/dir': no such file or directory; give a local Hugging Face model")):
+        assert finetune.main(["--model", spec, "--steps", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err and "leave out --model for the shipped tiny Llama" in err
+        assert "tiny-llama" not in err and "tiny-qwen2" not in err
+
+
 def test_writing_a_gguf_without_the_gguf_package_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
     with pytest.raises(finetune_data.MissingDependencyError, match="pip install gguf"):

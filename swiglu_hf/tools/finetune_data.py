@@ -29,6 +29,7 @@ DATA_DIR = Path(__file__).with_name("data")
 CORPUS = DATA_DIR / "corpus.txt"
 FORMATS = ".txt, .jsonl, .parquet, or a directory saved with datasets' save_to_disk"
 _TXT_PIECE = 1 << 20  # characters per tokenizer call for .txt files (split at a line end)
+BYTE_VOCAB = 256  # without a tokenizer the text trains as its UTF-8 bytes: ids 0-255
 
 
 class MissingDependencyError(SwigluError, ImportError):
@@ -138,8 +139,8 @@ def load_tokens(path, tokenizer, vocab_size: int, *, eos_token_id: int | None, t
     """Token ids of the data (the shipped corpus when `path` is None) and a description of it."""
     if isinstance(eos_token_id, (list, tuple)):  # some configs list several EOS ids: end documents with the first
         eos_token_id = eos_token_id[0] if eos_token_id else None
-    if tokenizer is None and vocab_size < 256:
-        raise InvalidInputError(f"byte-level tokens need a vocabulary of >= 256 ids; the model has {vocab_size}")
+    if tokenizer is None and vocab_size < BYTE_VOCAB:
+        raise InvalidInputError(f"byte-level tokens need a vocabulary of >= {BYTE_VOCAB} ids; the model has {vocab_size}")
     if path is None:  # the shipped corpus: one document, no EOS (the historical default run)
         pieces, source, eos = iter([(CORPUS.read_text(encoding="utf-8"), False)]), "shipped corpus (corpus.txt, 16 KB)", None
     else:

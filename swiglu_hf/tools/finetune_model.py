@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from swiglu_hf import apply_swiglu_patch
-from swiglu_hf.errors import SwigluError
+from swiglu_hf.errors import InvalidInputError, SwigluError
 
 from . import finetune_data as data
 from .finetune import FinetuneConfig
@@ -64,6 +64,30 @@ def local_tokenizer(spec: str, trust_remote_code: bool = False):
         return None
 
 
+def check_model(spec: str) -> str:
+    """check_model_spec for `finetune --model`: "builtin", "dir" or "gguf", or an InvalidInputError that
+    offers only models finetune can train. A built-in has no tokenizer, so it trains on byte tokens and
+    needs a vocabulary of data.BYTE_VOCAB ids; the verify built-ins (vocabulary 96) are refused up front."""
+    from swiglu_hf.loading import TINY_MODELS, check_model_spec, tiny_config
+
+    usable = [name for name in TINY_MODELS if tiny_config(name).vocab_size >= data.BYTE_VOCAB]
+    instead = "leave out --model for the shipped tiny Llama (random init), or write it as a checkpoint with " \
+              "`python -m swiglu_hf.tools.tiny_checkpoint DIR`"
+    if spec in TINY_MODELS and spec not in usable:
+        raise InvalidInputError(
+            f"{spec!r} is a built-in of `swiglu-hf verify` with a vocabulary of {tiny_config(spec).vocab_size} ids "
+            f"and no tokenizer; finetune trains such a model on byte tokens, which need {data.BYTE_VOCAB}: {instead}")
+    try:
+        return check_model_spec(spec)
+    except InvalidInputError as err:
+        if Path(spec).expanduser().exists() or "Hub id" in str(err):
+            raise  # a wrong file or a Hub id: the loader's message says what to do
+        builtins = f"a built-in model ({', '.join(usable)}), " if usable else ""
+        raise InvalidInputError(f"{spec!r}: no such file or directory; give {builtins}a local Hugging Face model "
+                                f"directory (config.json + *.safetensors and its tokenizer) or a local .gguf file; or "
+                                f"{instead}") from None
+
+
 def build_model(cfg: FinetuneConfig) -> tuple[nn.Module, str, bool]:
     """(model on CPU in fp32, description, pretrained?). The same seed gives the same weights.
 
@@ -72,12 +96,12 @@ def build_model(cfg: FinetuneConfig) -> tuple[nn.Module, str, bool]:
     """
     from transformers import AutoModelForCausalLM
 
-    from .models import check_model_spec, load_model
+    from swiglu_hf.loading import load_model
 
     torch.manual_seed(cfg.seed)
     if cfg.model:
         model = load_model(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
-        if check_model_spec(cfg.model) == "builtin":
+        if check_model(cfg.model) == "builtin":
             return model, f"{cfg.model} (built-in, random init)", False
         return model, f"{cfg.model} ({type(model).__name__}, pretrained weights)", True
     if cfg.preset:

@@ -29,7 +29,7 @@ from .finetune import FinetuneConfig
 from .finetune_env import provenance, wrapper
 from .finetune_memory import PeakMemory, memory_kind, reset_cuda_peak
 from .finetune_model import (
-    VariantUnavailable, _variant_model, _zero3, apply_variant, backend_used, build_model, local_tokenizer,
+    VariantUnavailable, _variant_model, _zero3, apply_variant, backend_used, build_model, check_model, local_tokenizer,
     prepare_base,
 )
 from .progress import StepProgress
@@ -331,10 +331,8 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
     command line (default: this process's sys.argv).
     """
     from .finetune_report import format_header
-    from .models import check_model_spec
-
-    if cfg.model:  # refuse bad paths before anything is built
-        check_model_spec(cfg.model)
+    if cfg.model:  # refuse bad paths (and models finetune cannot train) before anything is built
+        check_model(cfg.model)
     if cfg.data:
         data.read_documents(cfg.data, cfg.text_field)
     accelerator = make_accelerator(cfg)
