@@ -277,3 +277,79 @@ def test_overhead_pair_is_stock_and_patched():
     with torch.no_grad():
         assert torch.equal(stock(x), patched(x))  # the PyTorch path: bitwise
     assert torch.equal(bench_overhead._eager_glu(x, x), F.silu(x) * x)
+
+
+# ---- bench memory and the bench command's import rule ----------------------------------------------
+
+def _cli(argv, capsys):
+    from swiglu_hf import cli
+
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _bytes_per_token(out: str) -> dict[str, str]:
+    """{row label: bytes/token/layer} from the printed table (the rows after the dashes)."""
+    rows = out.split("-" * 20)[-1].strip().splitlines()
+    return {line[:44].strip(): line[44:62].strip() for line in rows if line[:44].strip() and not line.startswith("max")}
+
+
+def test_bench_memory_prints_the_readme_numbers(capsys):
+    # README: tiny-llama bf16 896 / 704 / 512 / 128; the Llama-3-8B MLP 122,880 -> 65,536 -> 8,192
+    code, out, err = _cli(["bench", "memory", "--tokens", "8"], capsys)
+    assert code == 0, err
+    assert "(LlamaMLP, split)" in out and "object at 0x" not in out
+    rows = _bytes_per_token(out)
+    assert (rows["stock eager"], rows["swiglu_hf default"], rows["torch.compile (aot_eager_decomp_partition)"]) == (
+        "896", "512", "704")
+    assert [v for k, v in rows.items() if k.startswith("swiglu_hf tiled")] == ["128"]
+    code, out, err = _cli(["bench", "memory", "--hidden", "4096", "--intermediate", "14336", "--tokens", "8",
+                           "--budget-gb", "20", "--layers", "32"], capsys)
+    assert code == 0, err
+    assert out.startswith("swiglu-hf bench memory: LlamaMLP (MLP only), H=4096, I=14336, bfloat16")
+    rows = _bytes_per_token(out)
+    assert (rows["stock eager"], rows["swiglu_hf default"]) == ("122,880", "65,536")
+    assert [v for k, v in rows.items() if k.startswith("swiglu_hf tiled")] == ["8,192"]
+
+
+def test_bench_memory_help_and_argument_errors(capsys):
+    with pytest.raises(SystemExit) as done:
+        _cli(["bench", "memory", "--help"], capsys)
+    assert done.value.code == 0 and "--intermediate" in capsys.readouterr().out
+    code, _, err = _cli(["bench", "memory", "--hidden", "64"], capsys)
+    assert code == 2 and err.strip() == "swiglu-hf bench: error: --hidden and --intermediate go together"
+
+
+def _import_failing(monkeypatch, module: str, err: ImportError):
+    import importlib
+
+    real = importlib.import_module
+
+    def import_module(name, *args):
+        if name == f"swiglu_hf.tools.{module}":
+            raise err
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+
+
+def test_bench_says_unavailable_only_for_a_missing_third_party_package(monkeypatch, capsys):
+    _import_failing(monkeypatch, "bench_kernel", ModuleNotFoundError("No module named 'triton'", name="triton"))
+    code, _, err = _cli(["bench", "kernel"], capsys)
+    assert code == 2 and err.strip() == ("swiglu-hf bench: error: bench kernel is unavailable: "
+                                         "swiglu_hf.tools.bench_kernel needs the 'triton' package, which is not installed")
+    with pytest.raises(SystemExit) as done:  # --help still answers
+        _cli(["bench", "kernel", "--help"], capsys)
+    assert done.value.code == 0 and "unavailable: needs triton" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("err", [ModuleNotFoundError("No module named 'swiglu_hf.mlp'", name="swiglu_hf.mlp"),
+                                 ImportError("cannot import name 'x' from 'swiglu_hf.gated'", name="swiglu_hf.gated"),
+                                 ImportError("cannot import name 'y' from 'torch'", name="torch")],
+                         ids=["removed swiglu_hf module", "removed swiglu_hf name", "broken third-party name"])
+def test_bench_raises_an_import_bug(err, monkeypatch, capsys):
+    _import_failing(monkeypatch, "bench_memory", err)
+    with pytest.raises(ImportError) as raised:
+        _cli(["bench", "memory"], capsys)
+    assert raised.value is err

@@ -1,7 +1,9 @@
 """`swiglu-hf bench <what>`: benchmark subcommands, one module each (add_parser(subparsers)).
 
-A benchmark module that cannot be imported here does not take the others down: its name stays
-listed, and running it says why it is unavailable (one line, exit status 2).
+A benchmark whose third-party package is missing (ModuleNotFoundError naming a module outside
+swiglu_hf) does not take the others down: its name stays listed, and running it says which package
+is missing (one line, exit status 2). Any other import error, above all one inside swiglu_hf (a
+renamed module, a removed name), is a bug and raises.
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ BENCHES = {
 
 
 class BenchUnavailableError(SwigluError, ImportError):
-    """A benchmark module failed to import in this installation."""
+    """A benchmark needs a third-party package this installation lacks."""
 
 
-def _unavailable(name: str, module: str, err: Exception):
+def missing_package(err: ImportError) -> str | None:
+    """The third-party module whose absence caused `err`, or None when `err` is anything else."""
+    if type(err) is not ModuleNotFoundError or not err.name:
+        return None
+    return None if err.name.partition(".")[0] == "swiglu_hf" else err.name
+
+
+def _unavailable(name: str, module: str, missing: str):
     def run(args) -> int:
-        raise BenchUnavailableError(f"bench {name} is unavailable: swiglu_hf.tools.{module} failed to import "
-                                    f"({type(err).__name__}: {err})")
+        raise BenchUnavailableError(f"bench {name} is unavailable: swiglu_hf.tools.{module} needs the "
+                                    f"{missing.partition('.')[0]!r} package, which is not installed")
 
     return run
 
@@ -37,8 +46,11 @@ def add_parser(sub) -> None:
     for name, (module, help) in BENCHES.items():
         try:
             loaded = importlib.import_module(f"swiglu_hf.tools.{module}")
-        except ImportError as err:
-            bench_sub.add_parser(name, help=f"{help} [unavailable: {type(err).__name__}]",
-                                 add_help=False).set_defaults(func=_unavailable(name, module, err))
+        except ModuleNotFoundError as err:
+            missing = missing_package(err)
+            if missing is None:
+                raise
+            note = f"{help} [unavailable: needs {missing.partition('.')[0]}]"
+            bench_sub.add_parser(name, help=note, description=note).set_defaults(func=_unavailable(name, module, missing))
         else:
             loaded.add_parser(bench_sub)

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import torch
 
-from ..errors import NoGatedMLPError, SwigluError
+from ..errors import InvalidInputError, NoGatedMLPError
 from ..memory import saved_activation_bytes
-from ..mlp import auto_tile_tokens
 from ..patch import apply_swiglu_patch, revert_swiglu_patch
-from .peers import PeerUnavailable, liger_silu_mul
 from ..recipes import match_recipe
+from ..tiled import auto_tile_tokens
+from .peers import PeerUnavailable, liger_silu_mul
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -179,23 +178,16 @@ def add_parser(bench_sub) -> None:
 
 
 def _main(args) -> int:
-    try:
-        return _run(args)
-    except SwigluError as e:
-        print(f"swiglu-hf bench memory: error: {e}", file=sys.stderr)
-        return 1
-
-
-def _run(args) -> int:
+    """The command; a SwigluError (bad sizes, no gated MLP) reaches the CLI: one line, exit status 2."""
     dtype = DTYPES[args.dtype]
     tile = "auto" if args.tile_tokens == "auto" else int(args.tile_tokens)
     if (args.hidden is None) != (args.intermediate is None):
-        raise SystemExit("--hidden and --intermediate go together")
+        raise InvalidInputError("--hidden and --intermediate go together")
     if args.hidden is not None:
         from ..recipes import load_recipes
 
         module = _mlp_only(args.hidden, args.intermediate, dtype).to(args.device)
-        recipe = next(r for r in load_recipes() if r.form == "split")
+        recipe = next(r for r in load_recipes() if r.form_name == "split")
         where, layers = "LlamaMLP (MLP only)", args.layers or 1
     else:
         from .models import load_model
@@ -203,7 +195,7 @@ def _run(args) -> int:
         model = load_model(args.model, dtype=dtype).to(args.device)
         name, module, recipe = _first_mlp(model)
         layers = args.layers or getattr(model.config, "num_hidden_layers", 1)
-        where = f"{args.model}: {name} ({type(module).__name__}, {recipe.form})"
+        where = f"{args.model}: {name} ({type(module).__name__}, {recipe.form_name})"
     module.train()
     hidden, intermediate = _sizes(module, recipe)
     itemsize = torch.finfo(dtype).bits // 8
