@@ -66,16 +66,21 @@ def _to(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _flat(t):
+    """(N, last) view of t: no call at all for a 2-D tensor (host time)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 def _linear_dinput(dy, weight, dtype):
-    """d_inp = dy @ W of y = F.linear(inp, W, b), as stock autograd's mm forms it, in `dtype`."""
-    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, M)
-    return _to(dy2.mm(_to(weight, dy.dtype)).view(*dy.shape[:-1], weight.shape[1]), dtype)  # (.., K)
+    """d_inp = dy @ W of y = F.linear(inp, W, b), as stock autograd's mm forms it, in `dtype`
+    (matmul folds the leading dims into one mm of (N, M) x (M, K), the call stock makes)."""
+    return _to(dy.matmul(_to(weight, dy.dtype)), dtype)  # (.., K)
 
 
 def _linear_dparams(dy, inp, need_weight: bool, need_bias: bool):
     """(dW, db) = (dy^T @ inp, dy.sum(0)) over the flattened (N, .) views, in dy's dtype."""
-    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, M)
-    dw = dy2.t().mm(_to(inp.reshape(-1, inp.shape[-1]), dy.dtype)) if need_weight else None  # (M, K)
+    dy2 = _flat(dy)  # (N, M)
+    dw = dy2.t().mm(_to(_flat(inp), dy.dtype)) if need_weight else None  # (M, K)
     db = dy2.sum(0) if need_bias else None  # (M,)
     return dw, db
 

@@ -11,7 +11,13 @@ and their autograd registration. Per token count T (default 1 = decode, and 128)
     op   (same modes) swiglu(gate, up, backend="torch")  vs  F.silu(gate) * up    (T=1 only)
 
 stock = transformers' LlamaMLP, patched = the same instance's weights in a copy patched with
-apply_swiglu_patch(backend="torch"). Timing: `batches` batches of `number` calls per variant,
+apply_swiglu_patch (backend="torch" on CPU; on CUDA, `--device cuda`, "auto": the Triton kernels, so
+the rows measure the launcher's host cost per call).
+
+    decode   tokens/s of `generate` (greedy, KV cache) on the tiny Llama, stock vs patched, whole
+             rounds interleaved; the same tokens are required. Decoding is where a GPU waits on the
+             host: one token per call through every layer's MLP.
+ Timing: `batches` batches of `number` calls per variant,
 stock and patched batches interleaved (so a load change on a shared machine hits both), `number`
 calibrated so one batch takes about `batch_ms`; per-call time = batch time / number; the median
 over batches is reported, in microseconds, as wall-clock time and as this thread's CPU time
@@ -56,6 +62,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batches", type=int, default=21, help="timed batches per variant and point (median over them)")
     p.add_argument("--batch-ms", type=float, default=20.0, help="target duration of one batch, ms")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads while timing")
+    p.add_argument("--device", default="cpu", help="cpu (PyTorch path) or cuda (the Triton kernels: launch cost)")
+    p.add_argument("--decode-tokens", type=int, default=32,
+                   help="new tokens per greedy generate of the tiny Llama, stock vs patched (0: skip)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=_main)
 
@@ -77,7 +86,7 @@ def _calibrate(fn, batch_ms: float) -> int:
     return max(1, round(n * batch_ms * 1e-3 / max(elapsed, 1e-9)))
 
 
-def time_pair(stock, patched, batches: int = 21, batch_ms: float = 20.0) -> dict:
+def time_pair(stock, patched, batches: int = 21, batch_ms: float = 20.0, sync=lambda: None) -> dict:
     """Median per-call seconds of two callables, their batches interleaved (see the module doc).
 
     {"wall": (stock, patched), "cpu": (stock, patched)}: wall-clock time (perf_counter) and this
@@ -97,6 +106,7 @@ def time_pair(stock, patched, batches: int = 21, batch_ms: float = 20.0) -> dict
                 c0, t0 = time.thread_time(), time.perf_counter()
                 for _ in range(number):
                     fn()
+                sync()  # CUDA: the batch's kernels have run before the clock is read
                 t1, c1 = time.perf_counter(), time.thread_time()
                 wall[which].append((t1 - t0) / number)
                 cpu[which].append((c1 - c0) / number)
@@ -108,8 +118,9 @@ def time_pair(stock, patched, batches: int = 21, batch_ms: float = 20.0) -> dict
 
 # ---- what is timed --------------------------------------------------------------------------
 
-def build_pair(hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, dtype=torch.float32, seed: int = 0):
-    """(stock LlamaMLP, patched copy with the same weights), CPU, PyTorch path."""
+def build_pair(hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, dtype=torch.float32, seed: int = 0,
+               device: str = "cpu"):
+    """(stock LlamaMLP, patched copy with the same weights): CPU with the PyTorch path, or CUDA with "auto"."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -119,8 +130,8 @@ def build_pair(hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, dtype=tor
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu",
                          num_attention_heads=1, num_key_value_heads=1)
     torch.manual_seed(seed)
-    stock = LlamaMLP(config).to(dtype)
-    holder = apply_swiglu_patch(torch.nn.Sequential(copy.deepcopy(stock)), backend="torch")
+    stock = LlamaMLP(config).to(device, dtype)
+    holder = apply_swiglu_patch(torch.nn.Sequential(copy.deepcopy(stock)), backend=_backend(device))
     patched = holder[0]
     if not patched_modules(holder):
         raise RuntimeError("the tiny LlamaMLP was not patched")
@@ -151,31 +162,83 @@ def _eager_glu(gate, up):
     return F.silu(gate) * up
 
 
+def _backend(device: str) -> str:
+    return "torch" if device == "cpu" else "auto"
+
+
+def _sync(device: str):
+    return (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+
+
 def run(tokens=TOKENS, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, modes=MODES, op_tokens=OP_TOKENS,
-        batches: int = 21, batch_ms: float = 20.0, threads: int | None = 1, dtype=torch.float32) -> list[dict]:
+        batches: int = 21, batch_ms: float = 20.0, threads: int | None = 1, dtype=torch.float32,
+        device: str = "cpu") -> list[dict]:
     """One row per (what, tokens, mode): stock_us, patched_us, overhead_us (patched - stock)."""
     from ..functional import swiglu
 
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    sync = _sync(device)
     try:
-        stock, patched = build_pair(hidden, intermediate, dtype)
+        stock, patched = build_pair(hidden, intermediate, dtype, device=device)
         rows = []
         gen = torch.Generator().manual_seed(1)
         for T in tokens:
-            x = torch.randn(T, hidden, generator=gen, dtype=dtype).requires_grad_()
+            x = torch.randn(T, hidden, generator=gen, dtype=dtype).to(device).requires_grad_()
             for mode in modes:
                 pair = [_calls(m, (x,), list(m.parameters()), mode) for m in (stock, patched)]
-                rows.append(_row("mlp", T, mode, time_pair(*pair, batches=batches, batch_ms=batch_ms)))
+                rows.append(_row("mlp", T, mode, time_pair(*pair, batches=batches, batch_ms=batch_ms, sync=sync)))
         for T in op_tokens:
-            gate = torch.randn(T, intermediate, generator=gen, dtype=dtype).requires_grad_()
-            up = torch.randn(T, intermediate, generator=gen, dtype=dtype).requires_grad_()
-            fused = lambda g, u: swiglu(g, u, backend="torch")  # noqa: E731
+            gate, up = (torch.randn(T, intermediate, generator=gen, dtype=dtype).to(device).requires_grad_()
+                        for _ in range(2))
+            fused = lambda g, u: swiglu(g, u, backend=_backend(device))  # noqa: E731
             for mode in modes:
                 pair = [_calls(f, (gate, up), [], mode) for f in (_eager_glu, fused)]
-                rows.append(_row("op", T, mode, time_pair(*pair, batches=batches, batch_ms=batch_ms)))
+                rows.append(_row("op", T, mode, time_pair(*pair, batches=batches, batch_ms=batch_ms, sync=sync)))
         return rows
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def decode(new_tokens: int = 32, rounds: int = 7, device: str = "cpu", threads: int | None = 1,
+           model: str = "tiny-llama") -> dict:
+    """Greedy `generate` tokens/s, stock vs patched, rounds interleaved (ABBA): the median round of each.
+
+    Both generate the same `new_tokens` from the same prompt; the tokens must be equal (else this
+    raises: a speed of a wrong answer is no result)."""
+    from ..loading import build_tiny
+    from ..patch import apply_swiglu_patch
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    sync = _sync(device)
+    try:
+        stock = build_tiny(model).to(device).eval()
+        patched = apply_swiglu_patch(copy.deepcopy(stock), backend=_backend(device))
+        prompt = torch.arange(1, 9, device=device).unsqueeze(0)
+        kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      do_sample=False, use_cache=True, pad_token_id=0)
+        outs, wall, cpu = {}, {"stock": [], "patched": []}, {"stock": [], "patched": []}
+        for r in range(rounds + 1):  # round 0 warms up (allocator, Triton cache) and is not counted
+            for name in (("stock", "patched") if r % 2 else ("patched", "stock")):
+                m = stock if name == "stock" else patched
+                c0, t0 = time.thread_time(), time.perf_counter()
+                with torch.no_grad():
+                    outs[name] = m.generate(prompt, **kwargs)
+                sync()
+                if r:
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.thread_time() - c0)
+        if not torch.equal(outs["stock"], outs["patched"]):
+            raise RuntimeError("patched generate produced other tokens than stock: see `swiglu-hf verify`")
+        med = {k: statistics.median(v) for k, v in wall.items()}
+        return {"model": model, "device": device, "new_tokens": new_tokens, "rounds": rounds,
+                "layers": stock.config.num_hidden_layers,
+                "stock_tokens_per_s": new_tokens / med["stock"], "patched_tokens_per_s": new_tokens / med["patched"],
+                "stock_cpu_us_per_token": statistics.median(cpu["stock"]) / new_tokens * 1e6,
+                "patched_cpu_us_per_token": statistics.median(cpu["patched"]) / new_tokens * 1e6}
     finally:
         torch.set_num_threads(old_threads)
 
@@ -212,17 +275,29 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def decode_markdown(d: dict) -> str:
+    return ("| decode (generate) | new tokens | stock tokens/s | patched tokens/s | ratio | stock CPU µs/token "
+            "| patched CPU µs/token |\n|---|---:|---:|---:|---:|---:|---:|\n"
+            f"| {d['model']} ({d['layers']} layers), {d['device']} | {d['new_tokens']} | {d['stock_tokens_per_s']:.0f} "
+            f"| {d['patched_tokens_per_s']:.0f} | {d['patched_tokens_per_s'] / d['stock_tokens_per_s']:.2f} "
+            f"| {d['stock_cpu_us_per_token']:.0f} | {d['patched_cpu_us_per_token']:.0f} |\n")
+
+
 def _main(args) -> int:
     rows = run(tokens=args.tokens, hidden=args.hidden, intermediate=args.intermediate,
-               batches=args.batches, batch_ms=args.batch_ms, threads=args.threads)
+               batches=args.batches, batch_ms=args.batch_ms, threads=args.threads, device=args.device)
+    dec = decode(args.decode_tokens, device=args.device, threads=args.threads) if args.decode_tokens else None
     header = (f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}, commit {_git_commit()}; "
-              f"H={args.hidden}, I={args.intermediate}, fp32, backend='torch', {args.threads} thread(s); "
-              f"median of {args.batches} interleaved batches of ~{args.batch_ms:g} ms")
+              f"H={args.hidden}, I={args.intermediate}, fp32, device {args.device}, backend={_backend(args.device)!r}, "
+              f"{args.threads} thread(s); median of {args.batches} interleaved batches of ~{args.batch_ms:g} ms")
     print(header)
     print()
     print(markdown(rows), end="")
+    if dec is not None:
+        print()
+        print(decode_markdown(dec), end="")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=2)
+            json.dump({"header": header, "rows": rows, "decode": dec}, f, indent=2)
     return 0
