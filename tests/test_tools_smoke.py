@@ -201,7 +201,7 @@ def test_mlp_parser_defaults_and_options():
 def test_mlp_main_without_cuda_measures_nothing(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench_mlp._main(_parse(bench_mlp, ["mlp"])) == 2
-    assert bench_mlp.NO_CUDA in capsys.readouterr().out
+    assert capsys.readouterr().err.strip() == bench_mlp.NO_CUDA
 
 
 def test_ratio():
@@ -353,3 +353,58 @@ def test_bench_raises_an_import_bug(err, monkeypatch, capsys):
     with pytest.raises(ImportError) as raised:
         _cli(["bench", "memory"], capsys)
     assert raised.value is err
+
+
+# ---- every tools module imports; every command the README names runs on tiny inputs ---------------
+
+def test_every_tools_module_imports():
+    import importlib
+    import pkgutil
+
+    import swiglu_hf.tools
+
+    names = [m.name for m in pkgutil.walk_packages(swiglu_hf.tools.__path__, "swiglu_hf.tools.")]
+    assert len(names) > 10 and "swiglu_hf.tools.tiny_checkpoint" in names
+    for name in names:
+        importlib.import_module(name)  # an ImportError here is a bug, whatever the module
+
+
+README_COMMANDS = {  # what the README names -> a tiny run of it on CPU and its exit status
+    "verify": (["verify", "tiny-llama", "--device", "cpu", "--seq-len", "8"], 0),
+    "finetune": (["finetune", "--steps", "1", "--repeats", "1", "--batch-size", "1", "--seq-len", "8",
+                  "--eval-batches", "1", "--device", "cpu", "--out", "{tmp}/ft"], 0),
+    "sweep": (["sweep", "--types", "llama", "--passes", "defaults", "--out", "{tmp}/sweep.md"], 0),
+    "compile": (["compile", "--arch", "sm_90", "--dtype", "fp32", "--activation", "silu", "--block-n", "1024",
+                 "--rows", "1", "--jobs", "1"], 0),
+    "bench memory": (["bench", "memory", "--hidden", "16", "--intermediate", "40", "--tokens", "4"], 0),
+    "bench kernel": (["bench", "kernel"], 2),  # GPU only: one line, status 2
+    "bench mlp": (["bench", "mlp"], 2),
+}
+
+
+def test_the_readme_names_no_command_without_a_smoke_run():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    from swiglu_hf import cli
+
+    named = set()
+    for command, rest in re.findall(r"swiglu-hf ([a-z]+)((?: [a-z]+)?)", readme):
+        if command in cli.SUBCOMMANDS:
+            named.add(f"{command}{rest}" if command == "bench" else command)
+    assert named and named <= set(README_COMMANDS), f"no smoke run for {sorted(named - set(README_COMMANDS))}"
+
+
+@pytest.mark.parametrize("name", list(README_COMMANDS))
+def test_readme_command_runs_on_tiny_inputs(name, tmp_path, monkeypatch, capsys):
+    argv, status = README_COMMANDS[name]
+    monkeypatch.chdir(tmp_path)
+    if status == 2:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = _cli([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == status, (out + err)[-3000:]
+    if status == 2:
+        assert len(err.strip().splitlines()) == 1 and "needs a GPU" in err and out == ""
+    else:
+        assert out.strip() and "Traceback" not in err

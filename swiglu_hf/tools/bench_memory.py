@@ -53,7 +53,9 @@ def _mlp_only(hidden: int, intermediate: int, dtype):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu")
+    # one attention head: the MLP never reads it, and any --hidden divides by 1
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu",
+                         num_attention_heads=1, num_key_value_heads=1)
     with torch.device("cpu"):
         return LlamaMLP(config).to(dtype)
 
