@@ -7,7 +7,7 @@
 # benchmarks stop cleanly and print what they have; SIGKILL 10 s later), all under one deadline
 # (GPU_CHECK_BUDGET_S, default 450 s, of which the last 15 s are kept for the kill grace and the
 # summary). A step gets min(its cap, time left); the fine-tuning comparison, the project's main
-# job, runs last and gets all the time that is left (~85 s if every step used its whole cap;
+# job, runs last and gets all the time that is left (~10 s if every step used its whole cap;
 # more in practice, as the steps after the warm-up no longer compile kernels):
 #   step      cap s  what                                                   -> OUTDIR/...
 #   install      30  wheels in ./.whl (e.g. liger-kernel), then this project: editable, no deps,
@@ -24,6 +24,11 @@
 #   mlp          50  swiglu-hf bench mlp: one Llama-3-8B MLP layer fwd+bwd, time and peak memory,
 #                    T = 8k/32k                                             -> memory.md (2nd part)
 #   memory       20  swiglu-hf bench memory: saved-for-backward bytes/token -> memory.md (1st part)
+#   verify8b     75  swiglu_hf.verify on a random-weight Llama-3.1-8B-shaped model in bf16 (built
+#                    on the GPU from the public config's shape, no download): whole model patched
+#                    vs stock, each MLP vs float64, greedy tokens, verify's peak
+#                    (max_memory_allocated; goal: weights + grads + one MLP in float64 + batch)
+#                                                                           -> memory.md (3rd part)
 #   finetune   rest  swiglu-hf finetune --preset llama-3.2-1b --seq-len 2048 --steps 8, variants
 #                    stock,patched,tiled,liger,compile (compile last: the slowest to start; liger
 #                    is skipped, with its reason, when not importable)
@@ -326,10 +331,40 @@ step mlp 50 "$SCRATCH/mlp.log" "${CLI[@]}" bench mlp --hidden 4096 --intermediat
 # ---- activation bytes saved for backward (exact counts; rows printed as measured) -----------
 step memory 20 "$SCRATCH/memory.log" "${CLI[@]}" bench memory --hidden 4096 --intermediate 14336 \
     --budget-gb 20 --layers 32
+# ---- verify at the Llama-3.1-8B shape: one copy of the weights, its peak GPU memory ------------
+cat >"$SCRATCH/verify8b.py" <<'PYEOF'
+import os, sys, time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from swiglu_hf import verify
+
+DEVICE = os.environ.get("VERIFY8B_DEVICE", "cuda")  # "cpu" with VERIFY8B_LAYERS=1 VERIFY8B_VOCAB=1024: a dry run
+shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=int(os.environ.get("VERIFY8B_LAYERS", 32)),
+             num_attention_heads=32, num_key_value_heads=8, vocab_size=int(os.environ.get("VERIFY8B_VOCAB", 128256)),
+             max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+t = time.perf_counter()
+with torch.device(DEVICE):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **shape), dtype=torch.bfloat16).eval()
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(f"random Llama-3.1-8B shape {shape}: {weights / 2**30:.2f} GiB of bf16 weights, built in {time.perf_counter() - t:.1f} s")
+t = time.perf_counter()
+report = verify(model, device=DEVICE, label="random Llama-3.1-8B shape")
+print(report.table())
+mlp = sum(p.numel() for p in model.model.layers[0].mlp.parameters())
+print(f"verify: {time.perf_counter() - t:.1f} s; peak {report.peak_bytes / 2**30:.2f} GiB = {report.peak_bytes / weights:.2f}x "
+      f"the weights (goal: <= weights + grads (2x) + one MLP in float64 ({8 * mlp / 2**30:.2f} GiB) + the batch)")
+sys.exit(0 if report.ok else 1)
+PYEOF
+step verify8b 75 "$SCRATCH/verify8b.log" "$PY" "$SCRATCH/verify8b.py"
+
 {
     echo "# Memory"
     for part in "memory:Saved for backward per token per MLP layer (swiglu-hf bench memory)" \
-        "mlp:One MLP layer fwd+bwd, time and peak memory (swiglu-hf bench mlp)"; do
+        "mlp:One MLP layer fwd+bwd, time and peak memory (swiglu-hf bench mlp)" \
+        "verify8b:verify on a random Llama-3.1-8B-shaped model, bf16 (swiglu_hf.verify)"; do
         echo
         echo "## ${part#*:}"
         echo

@@ -128,7 +128,7 @@ class VerifyReport:
                 group = [c for c in self.checks if (c.group or c.name) == g]
                 worst = max(group, key=lambda c: c.patched_err - c.limit)
                 label = f"{g} (worst of {len(group)})" if len(group) > 1 else g
-                where = worst.name if len(group) > 1 else worst.detail
+                where = worst.name if len(group) > 1 or worst.name != label else worst.detail
                 lines.append(f"  {label:<30}{worst.stock_err:>12.3e}{worst.patched_err:>13.3e}{worst.limit:>12.3e}  "
                              f"{'ok' if worst.ok else 'MISMATCH'}{'  ' + where if where else ''}")
         lines.append(f"{'greedy tokens':<32}{self.tokens:>22}  {'ok' if self.tokens_equal else 'MISMATCH'}")
@@ -375,7 +375,9 @@ def _module_checks(name: str, module, call, floor: float) -> list[Check]:
     tensors are each reduced to their errors and dropped, so one run's gradients are alive at a time."""
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    ref_module = use_eager_experts(probe_copy(module, float64=True)).to(device)  # grouped_mm has no float64 kernel
+    # a hook-free copy on the module's own device, then float64 there (a GPU converts in milliseconds);
+    # eager experts: grouped_mm has no float64 kernel
+    ref_module = use_eager_experts(probe_copy(module, float64=False)).to(torch.float64)
     try:
         ref_params = dict(ref_module.named_parameters())
         ref = _grads_of(_stock_forward(ref_module), call, [(n, ref_params[n].requires_grad_()) for n, _ in params],
