@@ -17,7 +17,7 @@ import sys
 from .errors import BackendUnavailableError, SwigluError
 
 # Modules that define add_parser(subparsers); each sets `func(args) -> exit code`.
-COMMANDS = ("tools.verify_cli", "tools.bench", "tools.finetune", "tools.sweep", "tools.compile_check")
+COMMANDS = ("tools.verify_cli", "tools.bench", "tools.finetune", "tools.sweep", "tools.compile_check", "tools.plan")
 
 # subcommand -> (module in COMMANDS, one-line help): lets `--help` list them without importing any.
 SUBCOMMANDS = {
@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "sweep": ("tools.sweep", "patch and verify a tiny model of every causal-LM type, write a support table"),
     "compile": ("tools.compile_check",
                 "compile the kernels ahead of time for GPU archs and check registers/spills/vectorization"),
+    "plan": ("tools.plan", "from a config alone: peak memory of a training step and the longest sequence that fits"),
 }
 USAGE_ERROR = 2
 
