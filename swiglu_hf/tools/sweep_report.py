@@ -14,7 +14,8 @@ from . import sweep_configs
 @dataclass
 class Result:
     model_type: str
-    # "verified"; "mismatch" (patched differs from stock, or raises where stock runs: a failure, non-zero
+    # "verified" (every gated unit patched, and the model equal to stock); "partly verified" (the patched
+    # units verified, but others refused or left unpatched under unknown names); "mismatch" (patched differs from stock, or raises where stock runs: a failure, non-zero
     # exit); "refused"; "no gated MLP"; "unrecognised" (a forward computes act(..) * .. but no recipe
     # matched it); "not built"; "unavailable" (needs a package this environment lacks); "failed" (stock
     # itself raised, or the check timed out)
@@ -59,8 +60,9 @@ def _counts(results) -> str:
     counts = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    order = ("verified", "refused", "no gated MLP", "unrecognised", "unavailable", "not built", "failed", "mismatch")
-    label = {"refused": "refused (reasons below)", "unrecognised": "unrecognised (below)", "unavailable": "unavailable (below)"}
+    order = ("verified", "partly verified", "refused", "no gated MLP", "unrecognised", "unavailable", "not built", "failed", "mismatch")
+    label = {"partly verified": "partly verified (some units refused or unpatched, below)",
+             "refused": "refused (reasons below)", "unrecognised": "unrecognised (below)", "unavailable": "unavailable (below)"}
     return ", ".join(f"{counts.pop(s)} {label.get(s, s)}" for s in order if s in counts) + "".join(
         f", {n} {s}" for s, n in counts.items())
 
@@ -83,7 +85,7 @@ def _scaled_cell(row: Row) -> str:
     text = s.status
     if s.status == "verified" and s.max_err is not None:
         text += f" ({s.max_err:.1e})"
-    elif s.status == "refused" and row.defaults.status == "verified":
+    elif s.status == "refused" and row.defaults.status in ("verified", "partly verified"):
         text += " (verified only with identity values)"
     return text
 
@@ -96,8 +98,7 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
     scaled = [r.scaled for r in rows if r.scaled is not None]
     bf16_run = [r for r in defaults if r.bf16]
     bf16_equal = sum(r.bf16 == "equal" for r in bf16_run)
-    refused = [r for r in defaults if r.refused]  # whole types and the units refused in verified ones
-    partly = sum(r.status == "verified" and bool(r.unrecognised) for r in defaults)
+    refused = [r for r in defaults if r.refused]  # whole types and the units refused in partly verified ones
     scaled_refused = [r.scaled for r in rows if r.scaled is not None and r.scaled.refused
                       and r.scaled.refused.keys() != r.defaults.refused.keys()]
     lines = [
@@ -125,10 +126,9 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
         "and every parameter the initialisation leaves constant (zero biases, unit norm weights) perturbed: "
         "identity values cannot hide math the patch drops. Values listed per row; `-`: not run (no gated unit).",
         "",
-        f"Summary, fp32 (config defaults): {_counts(defaults)}"
-        + (f"; {partly} of the verified leave a gated forward under unknown names unpatched (below)" if partly else "") + ".",
+        f"Summary, fp32 (config defaults): {_counts(defaults)}.",
         "",
-        f"Summary, bf16 (PyTorch path, bitwise): {bf16_equal} of {len(bf16_run)} verified types equal to stock"
+        f"Summary, bf16 (PyTorch path, bitwise): {bf16_equal} of {len(bf16_run)} verified or partly verified types equal to stock"
         + (f", {len(bf16_run) - bf16_equal} differ" if len(bf16_run) > bf16_equal else "") + ".",
         "",
         f"Summary, non-identity ({len(scaled)} types with gated units): {_counts(scaled) if scaled else 'none'}.",
@@ -137,7 +137,8 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
     if refused or scaled_refused:
         lines += ["Refusals, each with its reason (fp32 defaults; then those only with non-identity values):", ""]
         for r in refused:
-            part = f" ({len(r.refused)} of {len(r.refused) + r.patched} units; the others {r.status})" if r.patched else ""
+            part = f" ({len(r.refused)} of {len(r.refused) + r.patched} units; the others patched and verified)" \
+                if r.patched else ""
             lines.append(f"- {r.model_type}{part}: {_refusal_notes(r).split(': ', 1)[-1]}")
         lines += [f"- {r.model_type} (non-identity: {', '.join(f'{k}={_value(v)}' for k, v in r.scaled.items())}): "
                   f"{_refusal_notes(r).split(': ', 1)[-1]}" for r in scaled_refused]
@@ -151,7 +152,7 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
             if r.unrecognised:
                 why = "a gated forward under attribute names no recipe knows, left unpatched: " + ", ".join(
                     r.unrecognised[:2]) + (", ..." if len(r.unrecognised) > 2 else "")
-            status = r.status if r.status != "verified" else "verified, partly: the other units are patched"
+            status = r.status if r.status != "partly verified" else "partly verified: the other units are patched"
             lines.append(f"- {r.model_type} ({status}): {why}")
         lines.append("")
     lines += [
