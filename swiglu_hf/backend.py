@@ -11,6 +11,7 @@ for float32/float16, never for float64). The test suite runs every patched model
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -29,7 +30,9 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+@functools.lru_cache(maxsize=None)
 def triton_installed() -> bool:
+    """Cached: resolve() asks on every patched call on CUDA, and find_spec walks sys.path."""
     return importlib.util.find_spec("triton") is not None
 
 

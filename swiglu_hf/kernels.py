@@ -55,6 +55,7 @@ int64.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -67,28 +68,10 @@ from .activations import KERNEL_IDS
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ACT_IDS = KERNEL_IDS  # the ACT constexpr of _act_fwd/_act_bwd/_gate_act (the table in swiglu_hf.activations)
 
-# Compile options of every launch (the interpreter ignores them); tools/compile_check.py compiles
-# with exactly these, so its table and Triton cache entries are the launchers' own.
-#
-# enable_fp_fusion=True, explicitly. Fusion lets LLVM/ptxas contract a*b + c into one FMA (one
-# rounding instead of two), i.e. it can change bits. The eager reference is PyTorch's CUDA kernels,
-# built by nvcc with its default --fmad=true, which contracts too; the contractions the stock
-# results depend on are written as tl.fma in the kernels below, so they do not hang on this flag.
-# Compared in SASS (Triton 3.9, ptxas 12.9 for sm_80 and 13.4 for sm_90/sm_100, all three dtypes),
-# the flag changes exactly one thing: in silu and sigmoid, libdevice expf's last step (p * 2**k, a
-# multiply by a power of two, exact unless the result is subnormal) is fused with the `1.0 +` that
-# follows, one FFMA per element; 1 + exp(-x) is the same float either way (a subnormal exp(-x) is
-# far below half an ulp of 1, and overflow gives inf both ways). gelu, gelu_tanh and relu compile
-# to identical SASS with and without it. Pinned because Triton 3.9 warns when it is unset and
-# 3.10 flips the default to False.
-#
-# enable_reflect_ftz=False: keep denormals. Triton's default (True) answers libdevice's
-# __nvvm_reflect("__CUDA_FTZ") with 1, which selects the flush-to-zero variants (fma.rn.ftz,
-# abs.ftz, cvt.ftz ...) inside expf/erff/tanhf; nvcc without -ftz=true/--use_fast_math (how PyTorch
-# is built) answers 0. With False the only .ftz left in the PTX are ex2.approx.ftz / rcp.approx.ftz
-# that libdevice's non-FTZ code itself uses on range-reduced arguments, as in eager. Triton's own
-# arithmetic (mul/add/fma/div.rn, conversions) never flushes. Same instruction count; CUDA only
-# (the ROCm backend has no such option and would reject the keyword).
+# Compile options of every launch (the interpreter ignores them); tools/compile_check.py compiles with
+# exactly these. enable_fp_fusion=True (eager's nvcc contracts too; the contractions stock depends on
+# are explicit tl.fma) and enable_reflect_ftz=False (keep denormals, as eager): why, measured in SASS,
+# in docs/ARCHITECTURE.md "Compile options".
 LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": True}
 if torch.version.hip is None:
     LAUNCH_OPTIONS["enable_reflect_ftz"] = False
@@ -347,6 +330,7 @@ def _glu_bwd_kernel(
             tl.store(h_ptr + r * stride_h + c, (a * u1).to(dtype), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
 def _blocks(n_cols: int) -> tuple[int, int]:
     # A tile of ~2K elements keeps a memory-bound elementwise kernel at full bandwidth on
     # current GPUs; the interpreter pays per program, so there it gets 16K-element tiles.
@@ -355,9 +339,10 @@ def _blocks(n_cols: int) -> tuple[int, int]:
     return max(1, tile // block_n), block_n
 
 
+@functools.lru_cache(maxsize=None)
 def spec_args(spec) -> dict:
     """The kernels' spec arguments: `spec` is a plain activation name or a GateSpec (read by its
-    fields, so that this module imports nothing of swiglu_hf). Absent fields are None."""
+    fields). Absent fields are None. Cached per spec (launch-path host time); callers must not mutate."""
     if isinstance(spec, str):
         return {"alpha": None, "gate_mul": None, "gate_max": None, "up_limit": None,
                 "ACT": ACT_IDS[spec], "UP_PLUS_ONE": False}

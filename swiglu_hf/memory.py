@@ -142,8 +142,13 @@ class LiveTensorBytes(TorchDispatchMode):
         if self._dtensor in types:
             return NotImplemented  # let DTensor unwrap to local ops, which come back here
         out = func(*args, **(kwargs or {}))
+        # An output sharing an input's storage (a view: W.t(), reshape, slicing; an in-place op) allocated
+        # nothing: the storage is either tracked already or was resident before the block.
+        inputs = {st._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+                  for st in _storages(t)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 for st in _storages(t):
-                    self._track(st)
+                    if st._cdata not in inputs:
+                        self._track(st)
         return out

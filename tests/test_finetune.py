@@ -171,6 +171,17 @@ def test_live_tensor_tracker_is_exact():
     assert tracker.live == 0
 
 
+def test_live_tensor_tracker_does_not_count_views_of_resident_tensors():
+    """A linear's W.t() is a view of a weight that lived before the block: nothing was allocated."""
+    w = torch.ones(50, 20)
+    tracker = LiveTensorBytes()
+    with tracker:
+        wt = w.t()  # view of a resident tensor
+        y = torch.ones(3, 50) @ w  # 3*50*4 input + 3*20*4 output
+    assert tracker.peak == 600 + 240 and wt.data_ptr() == w.data_ptr()
+    del y
+
+
 def test_weights_saved_by_stock_and_patched_are_identical(cpu_run):
     from transformers import AutoModelForCausalLM
 

@@ -421,8 +421,9 @@ def _launch_args(spec: Spec):
     second = _Ptr(dtype, base + torch.tensor([], dtype=dtype).element_size()) if col == 2 else ptr
     if col == 2:
         stride = 2 * n
-    floats = [gate_args.pop(k) for k in ("alpha", "gate_mul", "gate_max", "up_limit")]
-    const = {**gate_args, "ACCURATE": spec.accurate, "COL": col, "BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n}
+    floats = [gate_args[k] for k in ("alpha", "gate_mul", "gate_max", "up_limit")]  # spec_args is cached: read, never pop
+    const = {k: v for k, v in gate_args.items() if k not in ("alpha", "gate_mul", "gate_max", "up_limit")}
+    const.update(ACCURATE=spec.accurate, COL=col, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n)
     if spec.kernel == "fwd":
         return kernels._glu_fwd_kernel, [ptr, second, ptr, spec.m, n, stride, stride, n, *floats], const
     store_h = spec.kernel == "bwd_h"
