@@ -29,6 +29,9 @@
 #                    vs stock, each MLP vs float64, greedy tokens, verify's peak
 #                    (max_memory_allocated; goal: weights + grads + one MLP in float64 + batch)
 #                                                                           -> memory.md (3rd part)
+#   plancheck    40  swiglu-hf plan's predicted peak vs max_memory_allocated, Llama-3.2-1B shape,
+#                    bf16, stock/patched/tiled: LoRA + checkpointing at 4k tokens, full at 1k
+#                                                                           -> memory.md (4th part)
 #   finetune   rest  swiglu-hf finetune --preset llama-3.2-1b --seq-len 2048 --steps 8, variants
 #                    stock,patched,tiled,liger,compile (compile last: the slowest to start; liger
 #                    is skipped, with its reason, when not importable)
@@ -360,11 +363,75 @@ sys.exit(0 if report.ok else 1)
 PYEOF
 step verify8b 75 "$SCRATCH/verify8b.log" "$PY" "$SCRATCH/verify8b.py"
 
+# ---- swiglu-hf plan vs this GPU: predicted peak / max_memory_allocated, Llama-3.2-1B shape ----------
+# One steady-state training step per variant (the 2nd; peak counters reset after the 1st), bf16 weights,
+# batch 1: LoRA + gradient checkpointing at 4096 tokens, then full fine-tuning at 1024. The prediction
+# is `swiglu-hf plan --model llama-3.2-1b ... --no-search` (meta device); the ratio measured/predicted
+# goes into memory.md (4th part). Dry run on CPU: PLANCHECK_DEVICE=cpu PLANCHECK_MODEL=tiny-llama (compares
+# with the main job's CPU tracker).
+cat >"$SCRATCH/plancheck.py" <<'PYEOF'
+import gc, os, time
+
+import torch
+
+from swiglu_hf.tools.finetune import FinetuneConfig
+from swiglu_hf.tools.finetune_memory import PeakMemory
+from swiglu_hf.tools.finetune_model import apply_variant, prepare_base
+from swiglu_hf.tools.plan.search import PlanConfig, load_config, run_plan
+from transformers import AutoModelForCausalLM
+
+DEVICE = torch.device(os.environ.get("PLANCHECK_DEVICE", "cuda"))
+MODEL = os.environ.get("PLANCHECK_MODEL", "llama-3.2-1b")
+cuda = DEVICE.type == "cuda"
+print(f"| setting | variant | predicted GiB | measured GiB | measured / predicted | peak is (predicted) |")
+print(f"|---|---|---:|---:|---:|---|")
+for lora, seq in ((True, 4096), (False, 1024)):
+    setting = dict(lora=lora, gradient_checkpointing=lora)
+    plan = run_plan(PlanConfig(model=MODEL, dtype="bf16", batch_size=1, seq_len=seq, steps=2, search=False,
+                               target="cuda" if cuda else "cpu", **setting))
+    for variant, row in plan["variants"].items():
+        t = time.perf_counter()
+        with torch.device(DEVICE):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(load_config(MODEL)[0], dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa")
+        model = apply_variant(variant, prepare_base(model, FinetuneConfig(**setting)).to(DEVICE), DEVICE)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        ids = torch.randint(0, model.config.vocab_size, (1, seq), device=DEVICE)
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # the first step makes AdamW's state; the prediction is for the steady state
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            measured = torch.cuda.max_memory_allocated()
+        else:
+            with PeakMemory(DEVICE, model, opt) as tracker:
+                step()
+            measured = tracker.result()["peak_memory_bytes"]
+        name = ("LoRA+GC" if lora else "full") + f" T={seq}"
+        print(f"| {name} | {variant} | {row['peak_bytes'] / 2**30:.3f} | {measured / 2**30:.3f} | "
+              f"{measured / row['peak_bytes']:.4f} | {row['peak_is']} ({time.perf_counter() - t:.0f} s) |", flush=True)
+        del model, opt, ids
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+PYEOF
+step plancheck 40 "$SCRATCH/plancheck.log" "$PY" "$SCRATCH/plancheck.py"
+
 {
     echo "# Memory"
     for part in "memory:Saved for backward per token per MLP layer (swiglu-hf bench memory)" \
         "mlp:One MLP layer fwd+bwd, time and peak memory (swiglu-hf bench mlp)" \
-        "verify8b:verify on a random Llama-3.1-8B-shaped model, bf16 (swiglu_hf.verify)"; do
+        "verify8b:verify on a random Llama-3.1-8B-shaped model, bf16 (swiglu_hf.verify)" \
+        "plancheck:swiglu-hf plan's predicted peak vs max_memory_allocated, Llama-3.2-1B shape, bf16"; do
         echo
         echo "## ${part#*:}"
         echo
