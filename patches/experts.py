@@ -12,7 +12,6 @@ RECIPE = {
     "name": "experts",
     "form": "experts",
     "projections": {"gate_up": "gate_up_proj", "down": "down_proj"},
-    "activation_attrs": ("act_fn", "activation_fn", "act"),
     "require_activation": False,
     "examples": (
         "MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV3Experts",

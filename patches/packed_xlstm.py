@@ -5,6 +5,5 @@ RECIPE = {
     "name": "packed_xlstm",
     "form": "packed",
     "projections": {"gate_up": "proj_up_gate_z", "down": "proj_down"},
-    "activation_attrs": ("act_fn", "activation_fn", "act"),
     "examples": ("xLSTMFeedForward",),
 }

@@ -12,6 +12,5 @@ RECIPE = {
         "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
         "post": "ffn_sub_norm", "gate_scale": "suv_gate", "up_scale": "suv_up", "scale": "suv_scale",
     },
-    "activation_attrs": ("act_fn", "activation_fn", "act"),
     "examples": ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "BitNetMLP", "DoryMLP"),
 }

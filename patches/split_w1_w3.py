@@ -8,7 +8,6 @@ RECIPE = {
     "name": "split_w1_w3",
     "form": "split",
     "projections": {"gate": "w1", "up": "w3", "down": "w2"},
-    "activation_attrs": ("act_fn", "activation_fn", "act"),
     "default_activation": "silu",
     "examples": ("Lfm2MLP", "Lfm2MoeMLP", "Lfm3MLP"),
 }

@@ -4,6 +4,5 @@ RECIPE = {
     "name": "split_xlstm",
     "form": "split",
     "projections": {"gate": "proj_up_gate", "up": "proj_up", "down": "proj_down"},
-    "activation_attrs": ("act_fn", "activation_fn", "act"),
     "examples": ("xLSTMFeedForward",),
 }

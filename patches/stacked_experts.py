@@ -10,6 +10,5 @@ RECIPE = {
     "name": "stacked_experts",
     "form": "stacked",
     "projections": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    "activation_attrs": ("act_fn", "activation_fn", "act"),
     "examples": ("InklingSharedExperts",),
 }

@@ -27,8 +27,10 @@ class Recipe:
     name: str
     form_name: str
     projections: dict  # role -> attribute name
-    activation_attrs: tuple
     examples: tuple = ()
+    # Where the module keeps its activation, tried in order (a recipe names its own order only where
+    # its models differ).
+    activation_attrs: tuple = ("act_fn", "activation_fn", "act")
     # False: the structure alone makes a candidate and a missing activation is a refusal (with a
     # reason) rather than "not a gated MLP"; True: no activation attribute, no match.
     require_activation: bool = True

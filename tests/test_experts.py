@@ -489,4 +489,9 @@ def test_biased_decorated_experts_match_stock(impl):
         y.square().sum().backward()
         grads.append([y.detach(), xx.grad] + [p.grad for p in model.parameters()])
     for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+        if impl == "eager":  # this test's loop gathers each expert's tokens in (token, slot) order, transformers'
+            # canonical loop (which the fused eager path follows) in (slot, token) order: the weight-gradient
+            # sums run in another order, so equal to rounding, not bitwise
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+        else:  # grouped_mm / batched_mm: transformers' own function around the fused gate: bitwise
+            assert torch.equal(a, b)

@@ -58,6 +58,39 @@ def unwrapped_forward(cls):
     return inspect.unwrap(cls.forward)
 
 
+def bind_inputs(module: nn.Module, args, kwargs, count: int | None = None) -> list:
+    """The forward's positional parameters (after self) as the class's own forward binds them: positional,
+    keyword or mixed calls alike (inspect.Signature.bind semantics, kept simple enough for torch.compile).
+    With `count`: exactly that many inputs and no other keyword (defaults do not fill in)."""
+    params = positional_params(unwrapped_forward(type(module))) or ()
+    limit = len(params) if count is None else count
+    cls = type(module).__name__
+    if len(args) > limit:
+        raise TypeError(f"{cls}.forward takes {limit} positional arguments, got {len(args)}")
+    values, rest = list(args), dict(kwargs)
+    for name, default in params[len(args):limit]:
+        if name in rest:
+            values.append(rest.pop(name))
+        elif count is None and default is not inspect.Parameter.empty:
+            values.append(default)
+        else:
+            raise TypeError(f"{cls}.forward missing required argument {name!r}")
+    if count is not None and (len(values) != count or rest):
+        names = ", ".join(name for name, _ in params[:count])
+        raise TypeError(f"{cls}.forward takes {count} inputs ({names}), got {len(args)} positional and keyword "
+                        f"arguments {sorted(kwargs)}")
+    return values
+
+
+def is_tensor_of_dim(t, dim: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == dim
+
+
+def probe_randn(generator: torch.Generator, *shape, like: torch.Tensor) -> torch.Tensor:
+    """Probe input drawn in float64 from the probe's private generator, in `like`'s device and dtype."""
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(like.device, like.dtype)
+
+
 class Form:
     name: str = ""
     roles: tuple[str, ...] = ()

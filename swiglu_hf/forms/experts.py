@@ -43,7 +43,6 @@ implementation and, for decorated classes, the eager loop as well.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +51,7 @@ from torch import nn
 from ..errors import UnsupportedModuleError
 from ..gate import read_spec
 from ..gated import GLUDown, glu, resolve_gate
-from .base import Form, positional_params, unwrapped_forward
+from .base import Form, bind_inputs, is_tensor_of_dim, positional_params, unwrapped_forward
 
 # Implementations (transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS) that gate through _apply_gate.
 GATED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "deepgemm")
@@ -64,10 +63,6 @@ def _moe():
     from transformers.integrations import moe
 
     return moe
-
-
-def _tensor3(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 3
 
 
 def _params(module, state):
@@ -285,30 +280,13 @@ def _bmm(module, state, hidden_states, backend):
     return torch.bmm(h, down_w).view(-1, hidden)
 
 
-def _bind(module, args, kwargs) -> list:
-    """The forward's positional parameters (after self) as the class's own forward binds them: positional,
-    keyword or mixed calls alike (inspect.Signature.bind semantics, kept simple enough for torch.compile)."""
-    params = positional_params(unwrapped_forward(type(module)))
-    if len(args) > len(params):
-        raise TypeError(f"{type(module).__name__}.forward takes {len(params)} positional arguments, got {len(args)}")
-    values = list(args)
-    for name, default in params[len(args):]:
-        if name in kwargs:
-            values.append(kwargs[name])
-        elif default is not inspect.Parameter.empty:
-            values.append(default)
-        else:
-            raise TypeError(f"{type(module).__name__}.forward missing required argument {name!r}")
-    return values
-
-
 def _packed_gate(gate_up, activation, backend):
     return glu((gate_up,), activation, backend)
 
 
 def experts_forward(module, state, /, *args, impl: str | None = None, **kwargs):
     """The fused forward bound on an experts module; `impl` overrides the dispatch (probe only)."""
-    values = _bind(module, args, kwargs)
+    values = bind_inputs(module, args, kwargs)
     hidden_states = values[0]
     backend = resolve_gate(state.backend, state.activation, hidden_states.device, hidden_states.dtype)
     if _signature(type(module)) == "bmm":
@@ -358,7 +336,7 @@ class ExpertsForm(Form):
     name, roles, tiles = "experts", ("gate_up", "down"), False
 
     def has_structure(self, module, projections):
-        return all(_tensor3(getattr(module, attr, None)) for attr in projections.values())
+        return all(is_tensor_of_dim(getattr(module, attr, None), 3) for attr in projections.values())
 
     def refusal(self, module, projections, act):
         return refusal(module, projections, act)

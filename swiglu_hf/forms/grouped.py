@@ -24,11 +24,7 @@ import torch
 from torch import nn
 
 from ..gated import down_of_glu, glu, resolve_gate
-from .base import PROBE_SCALES, Form, positional_params, unwrapped_forward
-
-
-def _tensor(t, dim: int) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == dim
+from .base import PROBE_SCALES, Form, bind_inputs, is_tensor_of_dim, positional_params, probe_randn, unwrapped_forward
 
 
 def _positional(cls) -> list[str] | None:
@@ -36,28 +32,11 @@ def _positional(cls) -> list[str] | None:
     return None if params is None else [name for name, _ in params]
 
 
-def _bind(module, args, kwargs, count: int) -> list:
-    names = _positional(type(module)) or []
-    values = list(args)
-    for name in names[len(args):count]:
-        if name not in kwargs:
-            raise TypeError(f"{type(module).__name__}.forward missing required argument {name!r}")
-        values.append(kwargs.pop(name))
-    if len(values) != count or kwargs:
-        raise TypeError(f"{type(module).__name__}.forward takes {count} inputs ({', '.join(names)}), got "
-                        f"{len(args)} positional and keyword arguments {sorted(kwargs)}")
-    return values
-
-
 def _down(parts, activation, backend, down):
     """down(act(gate) * up): h dropped from what `down` saves in grad mode (recomputed from the parts)."""
     if torch.is_grad_enabled():
         return down_of_glu(down, parts, activation, backend)
     return down(glu(parts, activation, backend))
-
-
-def _randn(generator, *shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(like.device, like.dtype)
 
 
 class _GroupedForm(Form):
@@ -77,11 +56,11 @@ class ExpertGLUForm(_GroupedForm):
     name, roles, inputs = "expert_glu", ("gate", "up", "down"), 4
 
     def has_structure(self, module, projections):
-        return all(_tensor(getattr(module, projections[r], None), 2) for r in self.roles)
+        return all(is_tensor_of_dim(getattr(module, projections[r], None), 2) for r in self.roles)
 
     def probe_inputs(self, module, projections, generator):
         w_gate, w_up, w_down = (getattr(module, projections[r]) for r in self.roles)
-        x = _randn(generator, 5, w_gate.shape[1], like=w_gate)
+        x = probe_randn(generator, 5, w_gate.shape[1], like=w_gate)
         inputs = [(s * x, w_gate, w_up, w_down) for s in PROBE_SCALES]  # all experts as one wide expert
         width = getattr(module, "ffn_hidden_size", None)
         if isinstance(width, int) and 0 < width < w_gate.shape[0]:  # one expert's slices, as the caller passes
@@ -89,7 +68,7 @@ class ExpertGLUForm(_GroupedForm):
         return inputs
 
     def forward(self, module, state, *args, **kwargs):
-        x, w_gate, w_up, w_down = _bind(module, args, kwargs, 4)
+        x, w_gate, w_up, w_down = bind_inputs(module, args, kwargs, 4)
         backend = resolve_gate(state.backend, state.activation, x.device, x.dtype)
         parts = (x.matmul(w_gate.T), x.matmul(w_up.T))
         return _down(parts, state.activation, backend, lambda h: h.matmul(w_down))
@@ -107,7 +86,7 @@ class ParallelExpertsForm(_GroupedForm):
         if not all(isinstance(m, nn.Module) for m in (gate_up, down, router)):
             return False
         w1, w2 = getattr(gate_up, "weight", None), getattr(down, "weight", None)
-        return _tensor(w1, 3) and _tensor(w2, 3)
+        return is_tensor_of_dim(w1, 3) and is_tensor_of_dim(w2, 3)
 
     def refusal(self, module, projections, act):
         reason = super().refusal(module, projections, act)
@@ -121,11 +100,11 @@ class ParallelExpertsForm(_GroupedForm):
 
     def probe_inputs(self, module, projections, generator):
         w1 = getattr(module, projections["gate_up"]).weight
-        x = _randn(generator, 2, 5, w1.shape[2], like=w1)
+        x = probe_randn(generator, 2, 5, w1.shape[2], like=w1)
         return [(s * x,) for s in PROBE_SCALES]
 
     def forward(self, module, state, *args, **kwargs):
-        (layer_input,) = _bind(module, args, kwargs, 1)
+        (layer_input,) = bind_inputs(module, args, kwargs, 1)
         p = state.recipe.projections
         gate_up, down, router = getattr(module, p["gate_up"]), getattr(module, p["down"]), getattr(module, p["router"])
         bias = getattr(module, p["bias"], None) if "bias" in p else None
@@ -149,7 +128,7 @@ class StackedForm(_GroupedForm):
     name, roles, inputs = "stacked", ("gate", "up", "down"), 2
 
     def has_structure(self, module, projections):
-        return all(_tensor(getattr(module, projections[r], None), 3) for r in self.roles)
+        return all(is_tensor_of_dim(getattr(module, projections[r], None), 3) for r in self.roles)
 
     def refusal(self, module, projections, act):
         reason = super().refusal(module, projections, act)
@@ -162,12 +141,12 @@ class StackedForm(_GroupedForm):
 
     def probe_inputs(self, module, projections, generator):
         g = getattr(module, projections["gate"])
-        x = _randn(generator, 2, 3, g.shape[2], like=g)
+        x = probe_randn(generator, 2, 3, g.shape[2], like=g)
         gammas = torch.rand(2, 3, g.shape[0], generator=generator, dtype=torch.float64).to(g.device, g.dtype) + 0.5
         return [(s * x, gammas) for s in PROBE_SCALES]
 
     def forward(self, module, state, *args, **kwargs):
-        hidden_states, gammas = _bind(module, args, kwargs, 2)
+        hidden_states, gammas = bind_inputs(module, args, kwargs, 2)
         p = state.recipe.projections
         w_gate, w_up, w_down = (getattr(module, p[r]) for r in self.roles)
         shared = w_gate.shape[0]
