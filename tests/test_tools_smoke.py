@@ -376,6 +376,7 @@ README_COMMANDS = {  # what the README names -> a tiny run of it on CPU and its 
     "sweep": (["sweep", "--types", "llama", "--passes", "defaults", "--out", "{tmp}/sweep.md"], 0),
     "compile": (["compile", "--arch", "sm_90", "--dtype", "fp32", "--activation", "silu", "--block-n", "1024",
                  "--rows", "1", "--jobs", "1"], 0),
+    "plan": (["plan", "--seq-len", "64", "--no-search", "--target", "cpu"], 0),
     "bench memory": (["bench", "memory", "--hidden", "16", "--intermediate", "40", "--tokens", "4"], 0),
     "bench kernel": (["bench", "kernel"], 2),  # GPU only: one line, status 2
     "bench mlp": (["bench", "mlp"], 2),
