@@ -35,7 +35,7 @@ EAGER = {
     "relu": (torch.relu, lambda grad, gate, act: _aten.threshold_backward.default(grad, act, 0)),
 }
 ACTIVATIONS = tuple(EAGER)  # plain activations: what a module's act_fn can be
-# Activations only a gate spec names (swiglu_hf.gate writes their eager math: they take parameters).
+# Activations only a gate spec names (swiglu_hf.gate_spec writes their eager math: they take parameters).
 SPEC_ONLY = ("relu2", "silu_alpha")
 # The Triton kernels' ACT constexpr for each (swiglu_hf.kernels; tools/compile_check reads it without triton).
 KERNEL_IDS = {name: i for i, name in enumerate((*ACTIVATIONS, *SPEC_ONLY))}

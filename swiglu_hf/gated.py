@@ -38,7 +38,7 @@ from torch.nn.modules import module as _nn_module
 
 from . import ops
 from .backend import resolve
-from .gate import GateSpec
+from .gate_spec import GateSpec
 
 glu = ops.glu  # act(gate) * up of (gate, up) or of (gate_up,); see ops.py for the eager fast path
 

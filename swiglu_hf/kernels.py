@@ -13,7 +13,7 @@ Backward, recomputing the activation from the saved gate and up (act(gate) is no
                                                     # sigmoid_backward, whose CUDA kernel rounds each
                                                     # step in fp16/bf16 (see below)
 
-The same kernels run every gate spec (swiglu_hf.gate.GateSpec), each step rounded where the eager
+The same kernels run every gate spec (swiglu_hf.gate_spec.GateSpec), each step rounded where the eager
 op that computes it returns a dtype tensor (the scalars as eager converts them: a Python float
 multiplier or alpha is an fp32 operand, a clamp bound is rounded to dtype through fp32):
 
@@ -24,7 +24,7 @@ multiplier or alpha is an fp32 operand, a clamp bound is rounded to dtype throug
     u1 = round(uc + 1)  if up_plus_one  else  uc
     h  = round(u1 * a)
 
-and backward, op by op as eager autograd forms it (swiglu_hf.gate.backward):
+and backward, op by op as eager autograd forms it (swiglu_hf.gate_spec.backward):
 
     dact = round(dh * u1);  du = round(dh * a), 0 where up is outside [-lim, lim] (or NaN)
     dgc  = the activation's backward of dact:      relu2: threshold_backward(round(dact * round(2 r)), r, 0)

@@ -7,7 +7,7 @@ Two forms share one implementation:
                   place, and the gradient is written into one (.., 2I) buffer in the same layout,
                   so neither direction copies a half.
 
-The gate is a GateSpec (swiglu_hf.gate): a plain activation, or a spec with clamps, alpha, up + 1, a
+The gate is a GateSpec (swiglu_hf.gate_spec): a plain activation, or a spec with clamps, alpha, up + 1, a
 multiplier or the interleaved layout; the Triton kernels run every spec. The eager path passes the
 spec object down; the custom ops take its key() string (their schemas have no GateSpec) and parse it
 back through a cache.
@@ -28,9 +28,9 @@ import math
 import torch
 from torch import Tensor
 
-from . import gate as gate_spec
+from . import gate_spec
 from .errors import BackendUnavailableError
-from .gate import GateSpec
+from .gate_spec import GateSpec
 
 
 def as_spec(activation: GateSpec | str) -> GateSpec:
@@ -56,7 +56,7 @@ def key_of(activation: GateSpec | str) -> str:
 
 
 def kernel_gate(activation: GateSpec | str) -> bool:
-    """Whether the Triton kernels implement this gate: every spec (swiglu_hf.gate), plain or not."""
+    """Whether the Triton kernels implement this gate: every spec (swiglu_hf.gate_spec), plain or not."""
     if isinstance(activation, str) and "|" not in activation:  # a plain name: no parse (traced code calls this)
         return activation in gate_spec.SPEC_ACTIVATIONS
     try:

@@ -129,7 +129,7 @@ def assert_as_accurate_as_stock(fused, stock, ref, what=""):
     assert err <= limit, f"{what}: fused error {err:.3e} > limit {limit:.3e} (stock error {max_err(stock, ref):.3e})"
 
 
-# ---- gate specs (swiglu_hf.gate.GateSpec, read by its fields only) -------------------------
+# ---- gate specs (swiglu_hf.gate_spec.GateSpec, read by its fields only) -------------------------
 #
 #     g = gate * gate_mul;  g = min(g, gate_max);  u = clamp(up, -up_limit, up_limit)
 #     a = act(g)  relu2: max(g, 0)^2   silu_alpha: g * sigmoid(alpha g)

@@ -4,7 +4,7 @@ GPT-OSS (experts: interleaved, clamps, x*sigmoid(alpha x), up + 1), DeepSeek-V4 
 dense and experts), MiniMax-M3 (GPT-OSS's gate over halves), BitNet (relu², RMSNorm over h), Falcon-H1
 (gate and output multipliers). Each tiny model runs with its limits small enough that the clamps
 bind, patched vs stock against float64 (verification.compare_runs), and the spec is read off the
-module (swiglu_hf.gate). Look-alikes whose extra math the attributes do not describe are refused.
+module (swiglu_hf.gate_spec). Look-alikes whose extra math the attributes do not describe are refused.
 
 The Triton kernels run every spec: below, through the interpreter (fp32/fp16), against the PyTorch
 path and a float64 reference for each field, halves and interleaved, with inputs past the clamps,
@@ -22,9 +22,9 @@ from torch import nn
 
 import swiglu_hf
 from swiglu_hf import apply_swiglu_patch, kernels, ops, patch_report, patched_modules, verification
-from swiglu_hf import gate as gate_mod
+from swiglu_hf import gate_spec as gate_mod
 from swiglu_hf.forms import use_eager_experts
-from swiglu_hf.gate import GateSpec, parse
+from swiglu_hf.gate_spec import GateSpec, parse
 from swiglu_hf.memory import saved_activation_bytes
 from swiglu_hf.tools import sweep
 from tests import reference
@@ -86,7 +86,7 @@ def test_gpt_oss_experts(impl):
 
 def test_gpt_oss_clamps_bind_and_an_unclamped_gate_would_differ():
     """With limit 0.05 the stock gate_up reaches far past it: a fused gate without the clamp differs."""
-    from swiglu_hf import gate
+    from swiglu_hf import gate_spec as gate
 
     stock = tiny("gpt_oss", "eager", swiglu_limit=0.05)
     experts = stock.model.layers[0].mlp.experts

@@ -6,7 +6,7 @@ of its projections; the form does the rest:
 
     has_structure(module, projections)    does the module have this shape?
     refusal(module, projections, act)     why it cannot take the fused forward, or None
-    gate(module, projections, act)        the GateSpec its attributes describe (swiglu_hf.gate), or the
+    gate(module, projections, act)        the GateSpec its attributes describe (swiglu_hf.gate_spec), or the
                                           reason there is none
     probe_inputs(module, projections, generator)
                                           argument tuples for the patch-time probe (several input
@@ -104,7 +104,7 @@ class Form:
         return None
 
     def gate(self, module: nn.Module, projections: dict, act):
-        from ..gate import read_spec
+        from ..gate_spec import read_spec
 
         return read_spec(module, act)
 

@@ -3,7 +3,7 @@
     split    y = down_proj(act(gate_proj(x)) * up_proj(x))                 Llama, Mistral, Qwen, Gemma
     packed   y = down_proj(act(g) * u),  g, u = gate_up_proj(x).chunk(2)    Phi-3, GLM-4
 
-The gate is any swiglu_hf.gate spec the module's attributes describe (DeepSeek-V4's clamps,
+The gate is any swiglu_hf.gate_spec spec the module's attributes describe (DeepSeek-V4's clamps,
 Falcon-H1's gate multiplier, BitNet's relu²), plus steps a recipe names as optional roles and the
 form applies when the module has them (the probe proves each):
 

@@ -26,7 +26,7 @@ act(gate) * up:
 
 tile_tokens does not apply to experts (each expert already sees a subset of tokens); they run in
 the default mode. A class-specific `_apply_gate` is fused when the module's attributes describe it
-(swiglu_hf.gate: clamps from limit/swiglu_limit, alpha-scaled sigmoid with up + 1 from
+(swiglu_hf.gate_spec: clamps from limit/swiglu_limit, alpha-scaled sigmoid with up + 1 from
 alpha/swiglu_alpha; GPT-OSS, DeepSeek-V4, MiniMax-M3), interleaved gate/up columns included
 (is_concatenated=False, GPT-OSS), and the probe confirms it. Refused with a reason (never patched):
 any other `_apply_gate`, a post-expert norm, no act_fn and no alpha, differing expert counts in gate_up_proj
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from ..gate import read_spec
+from ..gate_spec import read_spec
 from ..gated import GLUDown, glu, resolve_gate
 from .base import Form, bind_inputs, is_tensor_of_dim, positional_params, unwrapped_forward
 

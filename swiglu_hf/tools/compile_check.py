@@ -27,7 +27,7 @@ which), divided by the elements a thread handles (BLOCK_M*BLOCK_N / (32*num_warp
 kernels have no loops, so that is the per-element work, except that rarely-taken slow paths
 (div.rn's subnormal/special-value branch) are counted too.
 
-Gate specs. `activation` may also be a gate-spec key (swiglu_hf.gate: clamps, alpha, up + 1, a
+Gate specs. `activation` may also be a gate-spec key (swiglu_hf.gate_spec: clamps, alpha, up + 1, a
 multiplier, interleaved), compiled as the launchers pass it: absent fields as constexpr None,
 present ones as fp32 arguments (one specialization for every value), UP_PLUS_ONE and the column
 stride COL as constexprs. SPEC_GATES lists the ones the models in docs/SUPPORTED_MODELS.md use
@@ -85,7 +85,7 @@ KERNELS = ("fwd", "bwd", "bwd_h")  # glu_fwd; glu_bwd without h (STORE_H=False);
 BLOCK_NS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 TILE = 2048  # kernels._blocks() outside the interpreter
-# Gate specs as the models' modules give them (swiglu_hf.gate keys; the values are runtime fp32
+# Gate specs as the models' modules give them (swiglu_hf.gate_spec keys; the values are runtime fp32
 # arguments, so these stand for every limit / alpha / multiplier)
 SPEC_GATES = (
     "silu_alpha|alpha=1.702|gate_max=7.0|up_limit=7.0|up_plus_one=True|interleaved=True",  # GPT-OSS experts
@@ -222,7 +222,7 @@ def check_activation(key: str) -> str:
     """A plain activation or a gate-spec key the kernels implement (ValueError otherwise)."""
     if key in ACTIVATIONS:
         return key
-    from swiglu_hf import gate
+    from swiglu_hf import gate_spec as gate
 
     try:
         spec = gate.parse(key)
@@ -413,7 +413,7 @@ def _launch_args(spec: Spec):
     if spec.activation in ACTIVATIONS:
         gate_args = kernels.spec_args(spec.activation)
     else:
-        from swiglu_hf import gate
+        from swiglu_hf import gate_spec as gate
 
         gate_args = kernels.spec_args(gate.parse(spec.activation))
     col = 2 if interleaved(spec.activation) and n > 1 else 1
