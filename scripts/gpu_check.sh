@@ -19,12 +19,15 @@
 #                    a cold cache cannot push the timed steps past their caps (exit status and
 #                    seconds in summary.md; its log's tail there if it fails)
 #   tests       100  TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu.py     -> gpu_tests.log
-#   kernel       80  swiglu-hf bench kernel, I = 8192/14336/28672 x T = 4k/64k
+#   kernel       70  swiglu-hf bench kernel, I = 8192/14336/28672 x T = 4k/64k
 #                                                                           -> kernel.json, kernel.md
 #   mlp          50  swiglu-hf bench mlp: one Llama-3-8B MLP layer fwd+bwd, time and peak memory,
 #                    T = 8k/32k                                             -> memory.md (2nd part)
 #   memory       20  swiglu-hf bench memory: saved-for-backward bytes/token -> memory.md (1st part)
-#   verify8b     75  swiglu_hf.verify on a random-weight Llama-3.1-8B-shaped model in bf16 (built
+#   overhead     25  swiglu-hf bench overhead --device cuda: host time per MLP call (the Triton
+#                    launcher's cost; T = 1 and 128) and greedy-decode tokens/s of the tiny Llama,
+#                    stock vs patched                                       -> memory.md (5th part)
+#   verify8b     60  swiglu_hf.verify on a random-weight Llama-3.1-8B-shaped model in bf16 (built
 #                    on the GPU from the public config's shape, no download): whole model patched
 #                    vs stock, each MLP vs float64, greedy tokens, verify's peak
 #                    (max_memory_allocated; goal: weights + grads + one MLP in float64 + batch)
@@ -322,7 +325,7 @@ step tests 100 "$OUT/gpu_tests.log" "$PY" -m pytest -m gpu tests/test_gpu.py \
 
 # ---- kernel bandwidth: 3 intermediate sizes (Llama-3.2-1B, -3-8B, -3-70B) x 2 token counts ----
 mkdir -p "$SCRATCH/kernel"
-step kernel 80 "$SCRATCH/kernel.log" "${CLI[@]}" bench kernel --tokens 4k,64k \
+step kernel 70 "$SCRATCH/kernel.log" "${CLI[@]}" bench kernel --tokens 4k,64k \
     --warmup 10 --rep 50 --json "$SCRATCH/kernel/kernel.json" --md "$SCRATCH/kernel/kernel.md"
 for f in kernel.json kernel.md; do  # rewritten after each size: a timeout still leaves results
     if [[ -f "$SCRATCH/kernel/$f" ]]; then cp "$SCRATCH/kernel/$f" "$OUT/$f"; fi
@@ -334,6 +337,10 @@ step mlp 50 "$SCRATCH/mlp.log" "${CLI[@]}" bench mlp --hidden 4096 --intermediat
 # ---- activation bytes saved for backward (exact counts; rows printed as measured) -----------
 step memory 20 "$SCRATCH/memory.log" "${CLI[@]}" bench memory --hidden 4096 --intermediate 14336 \
     --budget-gb 20 --layers 32
+
+# ---- host time per patched call on CUDA, and decoding (where the GPU waits on the host) -----------
+step overhead 25 "$SCRATCH/overhead.log" "${CLI[@]}" bench overhead --device cuda --batches 7 --batch-ms 10 \
+    --decode-tokens 32
 # ---- verify at the Llama-3.1-8B shape: one copy of the weights, its peak GPU memory ------------
 cat >"$SCRATCH/verify8b.py" <<'PYEOF'
 import os, sys, time
@@ -361,7 +368,7 @@ print(f"verify: {time.perf_counter() - t:.1f} s; peak {report.peak_bytes / 2**30
       f"the weights (goal: <= weights + grads (2x) + one MLP in float64 ({8 * mlp / 2**30:.2f} GiB) + the batch)")
 sys.exit(0 if report.ok else 1)
 PYEOF
-step verify8b 75 "$SCRATCH/verify8b.log" "$PY" "$SCRATCH/verify8b.py"
+step verify8b 60 "$SCRATCH/verify8b.log" "$PY" "$SCRATCH/verify8b.py"
 
 # ---- swiglu-hf plan vs this GPU: predicted peak / max_memory_allocated, Llama-3.2-1B shape ----------
 # One steady-state training step per variant (the 2nd; peak counters reset after the 1st), bf16 weights,
@@ -431,7 +438,8 @@ step plancheck 40 "$SCRATCH/plancheck.log" "$PY" "$SCRATCH/plancheck.py"
     for part in "memory:Saved for backward per token per MLP layer (swiglu-hf bench memory)" \
         "mlp:One MLP layer fwd+bwd, time and peak memory (swiglu-hf bench mlp)" \
         "verify8b:verify on a random Llama-3.1-8B-shaped model, bf16 (swiglu_hf.verify)" \
-        "plancheck:swiglu-hf plan's predicted peak vs max_memory_allocated, Llama-3.2-1B shape, bf16"; do
+        "plancheck:swiglu-hf plan's predicted peak vs max_memory_allocated, Llama-3.2-1B shape, bf16" \
+        "overhead:Host time per MLP call and greedy decode, CUDA (swiglu-hf bench overhead --device cuda)"; do
         echo
         echo "## ${part#*:}"
         echo
