@@ -78,7 +78,7 @@ def _tiny_param_count(c) -> int:
 
 
 def test_weights_and_adamw_state_hand_counted():
-    from swiglu_hf.tools.models import _COMMON, tiny_config
+    from swiglu_hf.tools.models import _COMMON
 
     c = dict(_COMMON)
     n_params = _tiny_param_count(c)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .search import GIB, CUBLAS_WORKSPACE_BYTES
+from .search import GIB
 
 COLUMNS = (("weights", "weights"), ("gradients", "grads"), ("optimizer_state", "optim"),
            ("activations_mlp", "act MLP"), ("activations_rest", "act rest"), ("logits_loss", "logits+loss"),
