@@ -140,7 +140,8 @@ class _Recomputed:
 
 
 def _storage_id(t: torch.Tensor):
-    return t.device, t.untyped_storage().data_ptr()
+    """The storage's identity (its StorageImpl): also for meta and fake tensors, whose data_ptr is 0."""
+    return t.device, t.untyped_storage()._cdata
 
 
 @contextlib.contextmanager
@@ -151,13 +152,17 @@ def _drop_saved(h: torch.Tensor, parts, activation, backend: str):
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
     key, dtype = _storage_id(h), h.dtype
+    # Autograd keeps both hooks as long as the saved h: the pack hook must not keep the parts alive
+    # itself (under checkpointing only the outer hooks' handles may), so it reads them from a list
+    # emptied when the block ends (no pack runs after that).
+    pending = [parts]
     packed_parts: list = []
     cache: list = []
 
     def pack(t):
-        if t.dtype == dtype and t.untyped_storage().data_ptr() and _storage_id(t) == key:
+        if t.dtype == dtype and _storage_id(t) == key:
             if not packed_parts:
-                packed_parts.extend(outer_pack(p) if outer_pack else p for p in parts)
+                packed_parts.extend(outer_pack(p) if outer_pack else p for p in pending[0])
             return _Recomputed(t)
         return outer_pack(t) if outer_pack else t
 
@@ -169,8 +174,11 @@ def _drop_saved(h: torch.Tensor, parts, activation, backend: str):
             cache.append(ops.glu_recompute(real, activation, backend))
         return cache[0].as_strided(saved.size, saved.stride, saved.offset)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        pending.clear()
 
 
 def down_of_glu(down_proj: nn.Module, parts, activation, backend: str, post: nn.Module | None = None):

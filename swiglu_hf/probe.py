@@ -26,6 +26,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .errors import SelfCheckError
 from .distributed import gathered
@@ -168,9 +169,9 @@ def _run(name: str, module: nn.Module, state, float64: bool) -> None:
 
 def run_probe(name: str, module: nn.Module, state) -> bool:
     """Probe `module`; raise SelfCheckError on disagreement. False when its weights are not there yet
-    (meta device): the caller probes at the first real forward."""
+    (meta device, fake tensors): the caller probes at the first real forward."""
     with gathered(module):
-        if any(p.is_meta for p in module.parameters()):
+        if any(p.is_meta or is_fake(p) for p in module.parameters()):  # no data yet: probe at the first real forward
             return False
         float64 = _fits_float64(module)
         try:

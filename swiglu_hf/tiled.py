@@ -86,11 +86,15 @@ def _rng_replay(state, device: torch.device):
 def _amp_capture(device: torch.device):
     """The forward's autocast state, re-entered around a backward recompute (as checkpoint does)."""
     t = device.type
+    if not torch.amp.is_autocast_available(t):  # e.g. meta (swiglu-hf plan): no autocast to re-enter
+        return t, False, None, torch.is_autocast_cache_enabled()
     return t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t), torch.is_autocast_cache_enabled()
 
 
 def _amp_replay(state):
     t, enabled, dtype, cache = state
+    if dtype is None:
+        return contextlib.nullcontext()
     return torch.autocast(device_type=t, enabled=enabled, dtype=dtype, cache_enabled=cache)
 
 

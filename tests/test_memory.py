@@ -280,6 +280,35 @@ def test_hf_gradient_checkpointing(reentrant, patch_backend):
                 assert torch.equal(got[1][name], want[1][name]), name
 
 
+def _step_peak(model, ids) -> int:
+    """Live tensor bytes at the peak of one forward + backward (swiglu_hf.memory.LiveTensorBytes)."""
+    from swiglu_hf.memory import LiveTensorBytes
+
+    tracker = LiveTensorBytes()
+    with tracker:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return tracker.peak
+
+
+def test_lora_down_proj_under_checkpointing_keeps_no_gate_or_up_alive():
+    """A wrapped down_proj (LoRA) drops h through a saved-tensor hook. Under non-reentrant checkpointing
+    the outer hooks hold the parts, so the patched step's peak must not exceed stock's: the hook once held
+    gate and up of every layer until backward (autograd keeps the pack hook as long as the saved h)."""
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(3, 96, (4, 64), generator=torch.Generator().manual_seed(0))
+    peaks = {}
+    for name in ("stock", "patched"):
+        model = build_tiny("tiny-llama").train()
+        if name == "patched":
+            apply_swiglu_patch(model, backend="torch")
+        config = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0)
+        model = peft.get_peft_model(model, config)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        peaks[name] = _step_peak(model, ids)
+    assert peaks["patched"] <= peaks["stock"], peaks
+
+
 # ---- options -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "fast", True, "8"])
