@@ -8,11 +8,12 @@ that were there. The engine knows forms only through their interface (swiglu_hf.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -309,3 +310,26 @@ def revert_swiglu_patch(model: nn.Module) -> nn.Module:
         if state is not None:
             _restore_forward(module, state)
     return model
+
+
+@contextlib.contextmanager
+def suspended(model: nn.Module) -> Iterator[dict[str, PatchState]]:
+    """Run `model` (or any module in it) stock for the block: revert_swiglu_patch, yield the PatchState
+    of each module it unpatched by name, and afterwards (also when the block raises) put back exactly
+    those PatchState objects, their fused forwards and the model's PatchReport.
+
+        with suspended(model) as states:
+            stock_logits = model(ids).logits  # every gated MLP runs its own forward
+    """
+    found = [(name, m, m.__dict__[STATE_ATTR]) for name, m in model.named_modules() if is_patched(m)]
+    bound = [(m, state, m.__dict__[state.attr]) for _, m, state in found]
+    report = model.__dict__.get(REPORT_ATTR)
+    revert_swiglu_patch(model)
+    try:
+        yield {name: state for name, _, state in found}
+    finally:
+        revert_swiglu_patch(model)  # whatever the block patched goes; what was patched comes back
+        for m, state, forward in bound:
+            m.__dict__[STATE_ATTR], m.__dict__[state.attr] = state, forward
+        if report is not None:
+            model.__dict__[REPORT_ATTR] = report

@@ -111,6 +111,21 @@ def test_verify_works_in_place_and_leaves_the_model_as_given(monkeypatch):
     assert all(a is b for n in before for a, b in zip(before[n], after[n])) and after.keys() == before.keys()
 
 
+def test_suspended_runs_stock_and_puts_back_the_same_patch():
+    from swiglu_hf.patch import is_patched, suspended
+
+    model = apply_swiglu_patch(build_tiny("tiny-llama"), backend="torch")
+    mlp = model.get_submodule(MLP)
+    state, fused, report = mlp.__dict__["_swiglu_hf"], mlp.__dict__["forward"], patch_report(model)
+    with suspended(model) as states:
+        assert not is_patched(mlp) and patch_report(model) is None and states[MLP] is state
+        assert mlp.forward.__func__ is type(mlp).forward  # the stock forward, no instance attribute left
+    assert mlp.__dict__["_swiglu_hf"] is state and mlp.__dict__["forward"] is fused and patch_report(model) is report
+    with pytest.raises(RuntimeError, match="inside"), suspended(model):
+        raise RuntimeError("inside")
+    assert mlp.__dict__["_swiglu_hf"] is state and mlp.__dict__["forward"] is fused and patch_report(model) is report
+
+
 def test_peak_is_one_training_step_plus_one_mlp_in_float64():
     """verify's peak (report.peak_bytes: live tensor bytes on CPU) stays within what one stock training
     step of the batch needs (weights, gradients, activations) plus one MLP and its gradients in float64.
