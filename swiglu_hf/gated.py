@@ -29,14 +29,14 @@ under tracing (torch.compile, fake-tensor modes), where the custom ops need a st
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from . import ops
+from . import gate_spec, ops
+from .activations import EAGER
 from .backend import resolve
 from .gate_spec import GateSpec
 
@@ -55,8 +55,12 @@ def plain_linear(m: nn.Module) -> bool:
 
 
 def linear(m: nn.Module, x):
-    """m(x), with F.linear directly when m is a plain nn.Linear (no module-call machinery per call)."""
-    return F.linear(x, m.weight, m.bias) if plain_linear(m) else m(x)
+    """m(x), with F.linear directly when m is a plain nn.Linear (no module-call machinery per call; its
+    parameters read from _parameters, not through nn.Module.__getattr__: host time)."""
+    if plain_linear(m):
+        params = m._parameters
+        return F.linear(x, params["weight"], params["bias"])
+    return m(x)
 
 
 # ---- linear backward, as stock autograd forms it ----------------------------------------
@@ -131,65 +135,109 @@ class GLUDown(torch.autograd.Function):
 # ---- default mode, any down_proj: h dropped by a saved-tensor hook ----------------------
 
 class _Recomputed:
-    """What a saved-tensor hook keeps instead of (a view of) h: the view geometry."""
+    """What a saved-tensor hook keeps instead of a dropped tensor: which recomputed result, and the view."""
 
-    __slots__ = ("size", "stride", "offset")
+    __slots__ = ("index", "size", "stride", "offset")
 
-    def __init__(self, t: torch.Tensor):
-        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+    def __init__(self, index: int, t: torch.Tensor):
+        self.index, self.size, self.stride, self.offset = index, t.size(), t.stride(), t.storage_offset()
 
 
-def _storage_id(t: torch.Tensor):
+def _storage_id(t: torch.Tensor) -> int:
     """The storage's identity (its StorageImpl): also for meta and fake tensors, whose data_ptr is 0."""
-    return t.device, t.untyped_storage()._cdata
+    return t.untyped_storage()._cdata
 
 
-@contextlib.contextmanager
-def _drop_saved(h: torch.Tensor, parts, activation, backend: str):
-    """Within the block, tensors saved for backward that share h's storage are replaced by a recipe
-    that recomputes h from the parts on unpack. Other tensors, and the parts the recipe holds, go
-    through the enclosing saved-tensor hooks (checkpointing, byte accounting) as they would."""
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    outer_pack, outer_unpack = outer if outer is not None else (None, None)
-    key, dtype = _storage_id(h), h.dtype
-    # Autograd keeps both hooks as long as the saved h: the pack hook must not keep the parts alive
-    # itself (under checkpointing only the outer hooks' handles may), so it reads them from a list
-    # emptied when the block ends (no pack runs after that).
-    pending = [parts]
-    packed_parts: list = []
-    cache: list = []
+class _DropSaved:
+    """`with _DropSaved(parts, recompute) as drop:` within the block, a tensor saved for backward that
+    shares the storage of the i-th tensor given to drop() is replaced by a recipe: on unpack,
+    recompute(parts) runs once and its i-th result is viewed as the saved tensor was. Other tensors,
+    and the parts the recipe holds, go through the enclosing saved-tensor hooks (checkpointing, byte
+    accounting) as they would. A class, not a generator context manager: it runs on every patched
+    call in grad mode (host time)."""
 
-    def pack(t):
-        if t.dtype == dtype and _storage_id(t) == key:
-            if not packed_parts:
-                packed_parts.extend(outer_pack(p) if outer_pack else p for p in pending[0])
-            return _Recomputed(t)
-        return outer_pack(t) if outer_pack else t
+    __slots__ = ("_hooks", "_pending")
 
-    def unpack(saved):
-        if not isinstance(saved, _Recomputed):
-            return outer_unpack(saved) if outer_unpack else saved
-        if not cache:
-            real = [outer_unpack(p) if outer_unpack else p for p in packed_parts]
-            cache.append(ops.glu_recompute(real, activation, backend))
-        return cache[0].as_strided(saved.size, saved.stride, saved.offset)
+    def __init__(self, parts, recompute):
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer_pack, outer_unpack = outer if outer is not None else (None, None)
+        dropped: dict = {}  # storage -> (index, dtype)
+        # Autograd keeps both hooks as long as a saved tensor: the pack hook must not keep the parts
+        # alive itself (under checkpointing only the outer hooks' handles may), so it reads them from a
+        # list emptied when the block ends (no pack runs after that).
+        pending = self._pending = [parts]
+        packed_parts: list = []
+        cache: list = []
 
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
-    finally:
-        pending.clear()
+        def pack(t):
+            found = dropped.get(t.untyped_storage()._cdata) if dropped else None
+            if found is not None and found[1] == t.dtype:
+                if not packed_parts:
+                    packed_parts.extend(outer_pack(p) if outer_pack else p for p in pending[0])
+                return _Recomputed(found[0], t)
+            return outer_pack(t) if outer_pack else t
+
+        def unpack(saved):
+            if type(saved) is not _Recomputed:
+                return outer_unpack(saved) if outer_unpack else saved
+            if not cache:
+                cache.extend(recompute([outer_unpack(p) if outer_unpack else p for p in packed_parts]))
+            return cache[saved.index].as_strided(saved.size, saved.stride, saved.offset)
+
+        def drop(*tensors):
+            for t in tensors:
+                dropped[_storage_id(t)] = (len(dropped), t.dtype)
+
+        self._hooks = (pack, unpack, drop)
+
+    def __enter__(self):
+        pack, unpack, drop = self._hooks
+        torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+        return drop
+
+    def __exit__(self, *exc):
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+        self._pending.clear()
+        return False
+
+
+def stock_ops_down(down_proj: nn.Module, parts, spec: GateSpec, post: nn.Module | None = None):
+    """down_proj(post(act(gate) * up)) with stock's own ops and autograd (a plain spec, PyTorch path, eager),
+    act and h dropped from what autograd saves and recomputed from gate and up in backward: H + 2I, bitwise
+    stock, and no backward of ours in Python (stock's C++ autograd nodes run it)."""
+    forward = EAGER[spec.activation][0]
+
+    def recompute(real):
+        gate, up = real if len(real) == 2 else gate_spec.split_packed(real[0], spec)
+        act = forward(gate)
+        return act, act * up
+
+    gate, up = parts if len(parts) == 2 else gate_spec.split_packed(parts[0], spec)
+    with _DropSaved(parts, recompute) as drop:
+        act = forward(gate)
+        drop(act)  # before the multiply saves it
+        h = act * up
+        drop(h)  # before down_proj (or post) saves it
+        return linear(down_proj, h if post is None else post(h))
 
 
 def down_of_glu(down_proj: nn.Module, parts, activation, backend: str, post: nn.Module | None = None):
     """down_proj(post(glu(parts))) in default mode: saves the parts (H + 2I), never h. `post` is a module
     between the gate and down_proj (BitNet's ffn_sub_norm); what it saves other than h it keeps.
     `activation`: a GateSpec or its key."""
+    eager = ops.eager_ok(*parts)
+    if eager and backend != "triton" and ops.as_spec(activation).plain:
+        return stock_ops_down(down_proj, parts, ops.as_spec(activation), post)
     if post is None and plain_linear(down_proj):
-        gate = ops.as_spec(activation) if ops.eager_ok(*parts) else ops.key_of(activation)
+        gate = ops.as_spec(activation) if eager else ops.key_of(activation)
         return GLUDown.apply(down_proj.weight, down_proj.bias, gate, backend, *parts)
     h = glu(parts, activation, backend)
-    with _drop_saved(h, parts, activation, backend):
+
+    def recompute(real):
+        return (ops.glu_recompute(real, activation, backend),)
+
+    with _DropSaved(parts, recompute) as drop:
+        drop(h)
         return down_proj(h if post is None else post(h))
 
 

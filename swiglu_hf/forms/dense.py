@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backend import BACKEND_ENV
 from ..distributed import is_partitioned
-from ..gated import GLUDown, down_of_glu, linear, plain_linear, resolve_gate
+from ..gated import GLUDown, down_of_glu, linear, plain_linear, resolve_gate, stock_ops_down
 from ..tiled import TiledMLP, TiledRecompute, TiledZero3, _trainable, auto_tile_tokens, draws_random
 from .base import PROBE_SCALES, Form
 
@@ -263,7 +263,9 @@ class _Plan:
         backend, spec, down = self._resolve(x), self.spec, self.down
         parts = tuple([linear(m, x) for m in self.projections])
         if torch.is_grad_enabled():
-            if plain_linear(down):  # saves gate and up, never h (GLUDown); one autograd node
+            if backend != "triton" and spec.plain:  # stock's ops and C++ autograd, act and h dropped by hooks
+                y = stock_ops_down(down, parts, spec)
+            elif plain_linear(down):  # the fused kernels: saves gate and up, never h (GLUDown)
                 y = GLUDown.apply(down.weight, down.bias, spec, backend, *parts)
             else:  # LoRA / quantized / hooked down_proj: called as stock calls it, h dropped by a hook
                 y = down_of_glu(down, parts, spec, backend)
