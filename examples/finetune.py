@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swiglu_hf import apply_swiglu_patch, patched_modules
-from swiglu_hf.tools.finetune_run import plain_checkpoint
+from swiglu_hf.tools.finetune.run import plain_checkpoint
 
 
 def parse_args(argv=None):
@@ -72,7 +72,7 @@ def main(argv=None):
     if torch.cuda.is_available():
         accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
     else:  # CPU-only box (gloo): accelerate 1.15 needs help to run the config's DDP/FSDP/DeepSpeed for real
-        from swiglu_hf.tools.finetune_run import cpu_accelerator
+        from swiglu_hf.tools.finetune.run import cpu_accelerator
 
         accelerator = cpu_accelerator(gradient_accumulation_steps=args.grad_accum)
     set_seed(args.seed)  # LoRA init and the data order
@@ -138,7 +138,7 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu":  # FSDP's full state dict through accelerate segfaults on CPU
-        from swiglu_hf.tools.finetune_run import full_state_dict
+        from swiglu_hf.tools.finetune.run import full_state_dict
 
         state_dict = full_state_dict(accelerator, model)
     else:

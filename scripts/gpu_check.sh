@@ -381,9 +381,9 @@ import gc, os, time
 
 import torch
 
-from swiglu_hf.tools.finetune import FinetuneConfig
-from swiglu_hf.tools.finetune_memory import PeakMemory
-from swiglu_hf.tools.finetune_model import apply_variant, prepare_base
+from swiglu_hf.tools.finetune.config import FinetuneConfig
+from swiglu_hf.tools.finetune.memory import PeakMemory
+from swiglu_hf.tools.finetune.model import apply_variant, prepare_base
 from swiglu_hf.tools.plan.search import PlanConfig, load_config, run_plan
 from transformers import AutoModelForCausalLM
 

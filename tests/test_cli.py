@@ -13,7 +13,7 @@ import torch
 
 from swiglu_hf import cli
 from swiglu_hf.errors import InvalidInputError
-from swiglu_hf.tools import finetune_data
+from swiglu_hf.tools.finetune import data as finetune_data
 
 HEAVY = ("torch", "transformers", "accelerate", "triton")
 SWIGLU_HF = Path(cli.__file__).resolve().parent

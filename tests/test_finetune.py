@@ -20,7 +20,10 @@ import torch
 
 from swiglu_hf import patched_modules
 from swiglu_hf.errors import InvalidInputError
-from swiglu_hf.tools import finetune, finetune_data, finetune_model, finetune_run
+from swiglu_hf.tools import finetune
+from swiglu_hf.tools.finetune import data as finetune_data
+from swiglu_hf.tools.finetune import model as finetune_model
+from swiglu_hf.tools.finetune import run as finetune_run
 from swiglu_hf.tools.finetune import FinetuneConfig
 from swiglu_hf.memory import LiveTensorBytes, resident_bytes
 from swiglu_hf.tools.progress import StepProgress
@@ -138,7 +141,7 @@ REAL_TIMED_STEPS_S = {
 
 
 def test_speed_ratio_is_shown_only_when_the_spread_allows_it(cpu_run):
-    from swiglu_hf.tools.finetune_report import speed_vs_stock
+    from swiglu_hf.tools.finetune.report import speed_vs_stock
 
     v = {name: {"tokens_per_step": 1024, **finetune_run.speed_stats(times, 1024)}
          for name, times in REAL_TIMED_STEPS_S.items()}
@@ -328,7 +331,7 @@ def test_local_checkpoint_with_tokenizer_jsonl_lora_and_checkpointing(checkpoint
     cfg = FinetuneConfig(model=str(path), data=str(jsonl), variants=("stock", "patched"), steps=2, batch_size=2,
                          seq_len=16, device="cpu", lora=True, gradient_checkpointing=True, save=str(tmp_path),
                          eval_batches=1)
-    r = finetune.run(cfg, quiet=True)
+    r = finetune_run.run(cfg, quiet=True)
     assert r["pretrained"] is True and "pretrained weights" in r["model"] and r["data"]["source"] == str(jsonl)
     assert r["task"] == f"fine-tuning pretrained weights of {path} on {jsonl} (LoRA adapters)"
     assert r["data"]["tokenizer"] != "byte-level (UTF-8 bytes)" and r["data"]["eval_windows"] >= 1
@@ -358,7 +361,7 @@ def test_gguf_checkpoint_with_its_own_tokenizer_trains_like_stock(checkpoint, tm
 
     cfg = FinetuneConfig(model=str(gguf_file), data=str(jsonl), variants=("stock", "patched"), steps=2, batch_size=2,
                          seq_len=16, device="cpu", eval_batches=1)
-    r = finetune.run(cfg, quiet=True)
+    r = finetune_run.run(cfg, quiet=True)
     assert r["pretrained"] is True and str(gguf_file) in r["model"]
     assert r["data"]["tokenizer"] != "byte-level (UTF-8 bytes)"  # the GGUF file's own tokenizer
     stock, patched = r["variants"]["stock"], r["variants"]["patched"]
@@ -502,7 +505,7 @@ def test_llama_1b_preset_has_the_real_shape():
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # shape only: no 5 GB of weights
-        model = AutoModelForCausalLM.from_config(finetune.hf_config(finetune.PRESET_CONFIGS["llama-3.2-1b"]))
+        model = AutoModelForCausalLM.from_config(finetune_model.hf_config(finetune_model.PRESET_CONFIGS["llama-3.2-1b"]))
     assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama-3.2-1B, tied embeddings
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from swiglu_hf import apply_swiglu_patch
 from swiglu_hf.loading import build_tiny
 from swiglu_hf.patch import STATE_ATTR
-from swiglu_hf.tools import bench_overhead
+from swiglu_hf.tools.bench import overhead as bench_overhead
 
 
 def _mlp_pair(seed=0):

@@ -127,7 +127,7 @@ def test_quickstart_example_runs():
 # ---- families whose gated units have their own names or shapes (patches/*.py) -----------------
 
 # model type -> (recipe of the units that must be patched, classes patched). Built tiny from their own
-# config classes, as the sweep builds them (swiglu_hf.tools.sweep_configs).
+# config classes, as the sweep builds them (swiglu_hf.tools.sweep.configs).
 NAMED_FAMILIES = {
     "dbrx": ("expert_glu", {"DbrxExpertGLU"}),  # forward(x, w1, v1, w2) over one expert's slices
     "jetmoe": ("parallel_experts", {"JetMoeMoE"}),  # the whole routed layer over ParallelExperts

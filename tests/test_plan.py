@@ -17,7 +17,7 @@ VARIANTS = ("stock", "patched", "tiled")
 
 def _main_job(**kwargs) -> dict:
     from swiglu_hf.tools.finetune import FinetuneConfig
-    from swiglu_hf.tools.finetune_run import run
+    from swiglu_hf.tools.finetune.run import run
 
     # small batches keep the real CPU step cheap; the meta step runs the same settings
     results = run(FinetuneConfig(steps=1, device="cpu", eval_batches=1, batch_size=2, seq_len=64, **kwargs), quiet=True)

@@ -516,6 +516,7 @@ def no_network(monkeypatch):
 
 def test_verify_and_finetune_run_without_network(no_network, tmp_path):
     from swiglu_hf.tools import finetune
+    from swiglu_hf.tools.finetune.run import run
 
     with pytest.raises(OSError, match="socket guard"):  # the guard is live
         socket.create_connection(("huggingface.co", 443), timeout=1)
@@ -526,7 +527,7 @@ def test_verify_and_finetune_run_without_network(no_network, tmp_path):
     build_tiny("tiny-llama").save_pretrained(tmp_path / "local", safe_serialization=True)
     assert swiglu_hf.verify(str(tmp_path / "local"), seq_len=6, new_tokens=2).ok
     cfg = dict(steps=2, warmup_steps=1, batch_size=2, seq_len=16, device="cpu")
-    results = finetune.run(finetune.FinetuneConfig(**cfg))
+    results = run(finetune.FinetuneConfig(**cfg))
     assert results["variants"]["patched"]["losses"] == results["variants"]["stock"]["losses"]
 
 

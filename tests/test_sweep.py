@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from swiglu_hf.tools import sweep, sweep_configs
+from swiglu_hf.tools import sweep
+from swiglu_hf.tools.sweep import configs as sweep_configs
 
 VERIFIED = {  # model type -> recipe forms that must be among the patched units
     "llama": {"split"},

@@ -2,7 +2,7 @@
 result formatting, the variant plumbing, and a tiny `bench overhead` run.
 
 `bench kernel` and `bench mlp` time compiled kernels on a GPU; what runs here is everything around
-the timing, with bench_kernel.DEVICE pointed at the CPU, the Triton kernels through the
+the timing, with bench.kernel's DEVICE pointed at the CPU, the Triton kernels through the
 interpreter (tests/conftest.py), and a fake do_bench returning a known time, so every number
 asserted is computed from a known time and shape.
 """
@@ -14,7 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swiglu_hf.tools import bench_kernel, bench_mlp, bench_overhead
+from swiglu_hf.tools.bench import args as bench_args
+from swiglu_hf.tools.bench import kernel as bench_kernel
+from swiglu_hf.tools.bench import mlp as bench_mlp
+from swiglu_hf.tools.bench import overhead as bench_overhead
 from swiglu_hf.tools.peers import PeerUnavailable
 
 
@@ -39,10 +42,10 @@ def fake_do_bench(ms: float, calls: list | None = None):
 # ---- bench kernel: parsing --------------------------------------------------------------------
 
 def test_int_list_parses_k_suffix_and_rejects_junk():
-    assert bench_kernel._int_list("1k,4096, 64K,") == (1024, 4096, 65536)
+    assert bench_args.int_list("1k,4096, 64K,") == (1024, 4096, 65536)
     for bad in ("abc", "0", "", "4k,-1", "1.5k"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench_kernel._int_list(bad)
+            bench_args.int_list(bad)
 
 
 def test_impl_list_validates_names():
@@ -327,7 +330,7 @@ def _import_failing(monkeypatch, module: str, err: ImportError):
     real = importlib.import_module
 
     def import_module(name, *args):
-        if name == f"swiglu_hf.tools.{module}":
+        if name == f"swiglu_hf.tools.bench.{module}":
             raise err
         return real(name, *args)
 
@@ -335,10 +338,10 @@ def _import_failing(monkeypatch, module: str, err: ImportError):
 
 
 def test_bench_says_unavailable_only_for_a_missing_third_party_package(monkeypatch, capsys):
-    _import_failing(monkeypatch, "bench_kernel", ModuleNotFoundError("No module named 'triton'", name="triton"))
+    _import_failing(monkeypatch, "kernel", ModuleNotFoundError("No module named 'triton'", name="triton"))
     code, _, err = _cli(["bench", "kernel"], capsys)
     assert code == 2 and err.strip() == ("swiglu-hf bench: error: bench kernel is unavailable: "
-                                         "swiglu_hf.tools.bench_kernel needs the 'triton' package, which is not installed")
+                                         "swiglu_hf.tools.bench.kernel needs the 'triton' package, which is not installed")
     with pytest.raises(SystemExit) as done:  # --help still answers
         _cli(["bench", "kernel", "--help"], capsys)
     assert done.value.code == 0 and "unavailable: needs triton" in capsys.readouterr().out
@@ -349,7 +352,7 @@ def test_bench_says_unavailable_only_for_a_missing_third_party_package(monkeypat
                                  ImportError("cannot import name 'y' from 'torch'", name="torch")],
                          ids=["removed swiglu_hf module", "removed swiglu_hf name", "broken third-party name"])
 def test_bench_raises_an_import_bug(err, monkeypatch, capsys):
-    _import_failing(monkeypatch, "bench_memory", err)
+    _import_failing(monkeypatch, "memory", err)
     with pytest.raises(ImportError) as raised:
         _cli(["bench", "memory"], capsys)
     assert raised.value is err

@@ -82,7 +82,7 @@ def save_tiny_gguf(path: str | Path, seed: int = 0) -> Path:
     try:
         import gguf
     except ImportError:
-        from .finetune_data import MissingDependencyError
+        from .finetune.data import MissingDependencyError
 
         raise MissingDependencyError("writing a .gguf needs the `gguf` package: pip install gguf") from None
     import numpy as np

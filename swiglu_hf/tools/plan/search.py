@@ -34,7 +34,7 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def _from_json(path: Path):
-    from ..finetune_model import hf_config
+    from ..finetune.model import hf_config
 
     spec = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     if "model_type" not in spec:
@@ -45,7 +45,7 @@ def _from_json(path: Path):
 
 def load_config(model: str | None, trust_remote_code: bool = False):
     """(transformers config, description) for a --model value; nothing is downloaded, no weights are read."""
-    from ..finetune_model import DEFAULT_CONFIG, PRESET_CONFIGS, hf_config
+    from ..finetune.model import DEFAULT_CONFIG, PRESET_CONFIGS, hf_config
     from ..models import TINY_MODELS, tiny_config
 
     if model is None:

@@ -7,7 +7,7 @@ and what is live at that peak.
 The step is the main job's (swiglu-hf finetune): `model(input_ids=ids, labels=ids).loss`, backward,
 AdamW step, zero_grad, with the main job's LoRA and gradient-checkpointing settings (its own
 prepare_base and apply_variant). Every op runs its meta kernel, which allocates exactly what the real
-kernel returns, so the live-tensor tracker of the main job (finetune_memory.LiveTensorBytes) counts the
+kernel returns, so the live-tensor tracker of the main job (swiglu_hf.memory.LiveTensorBytes) counts the
 same bytes it counts on a CPU, here for storages that hold nothing.
 
 What differs from running the same code on a device, and how this file handles it:
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..finetune_memory import LiveTensorBytes
+from ...memory import LiveTensorBytes
 
 CATEGORIES = ("weights", "gradients", "optimizer_state", "activations_mlp", "activations_rest", "logits_loss",
               "transient", "recounted_resident")
@@ -58,7 +58,7 @@ class StepSpec:
 # ---- the tracker: the main job's, counting storages that hold nothing, with a breakdown at the peak ----
 
 class PeakBreakdown(LiveTensorBytes):
-    """finetune_memory.LiveTensorBytes that also counts meta storages (rounded up to `block` bytes) and
+    """swiglu_hf.memory.LiveTensorBytes that also counts meta storages (rounded up to `block` bytes) and
     remembers which storages were live at the peak, each with the phase and module it was made in.
 
     `resident`: the tensors that exist before the block (weights, optimizer state). An op that returns a
@@ -195,8 +195,8 @@ def build(config, spec: StepSpec, variant: str) -> nn.Module:
     """The model of `config` on the meta device as the main job prepares it, turned into `variant`."""
     from transformers import AutoModelForCausalLM
 
-    from ..finetune import FinetuneConfig
-    from ..finetune_model import apply_variant, prepare_base
+    from ..finetune.config import FinetuneConfig
+    from ..finetune.model import apply_variant, prepare_base
 
     config.use_cache = False
     with torch.device("meta"):

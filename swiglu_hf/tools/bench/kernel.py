@@ -32,7 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .peers import PeerUnavailable, liger_silu_mul, liger_version
+from ..peers import PeerUnavailable, liger_silu_mul, liger_version
+from .args import int_list
 
 NO_CUDA = "no CUDA device: kernel benchmark needs a GPU"
 MODELS = {8192: "Llama-3.2-1B", 14336: "Llama-3-8B", 28672: "Llama-3-70B"}
@@ -44,23 +45,6 @@ FWD_TENSORS, BWD_TENSORS = 3, 5
 COPY_BYTES = 1 << 30
 DTYPES = ("bfloat16", "float16", "float32")
 DEVICE = "cuda"  # module-level so a CPU smoke test can point it elsewhere
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    """'1k,4096,64k' -> (1024, 4096, 65536)."""
-    out = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        scale = 1024 if item.endswith("k") else 1
-        try:
-            out.append(int(item.removesuffix("k")) * scale)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not an integer (use e.g. 4096 or 4k)") from None
-    if not out or min(out) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, comma separated")
-    return tuple(out)
 
 
 def _impl_list(text: str) -> tuple[str, ...]:
@@ -83,9 +67,9 @@ def add_parser(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--tokens", type=_int_list, default=None,
+    p.add_argument("--tokens", type=int_list, default=None,
                    help=f"token counts T, comma separated, 'k' = 1024 (default {','.join(map(str, TOKENS))})")
-    p.add_argument("--intermediate", type=_int_list, default=None,
+    p.add_argument("--intermediate", type=int_list, default=None,
                    help="intermediate sizes I (default 8192,14336,28672: Llama-3.2-1B, Llama-3-8B, Llama-3-70B)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--impls", type=_impl_list, default=IMPLS,
@@ -131,7 +115,7 @@ def copy_bandwidth(do_bench, warmup: int, rep: int) -> float:
 
 def _inputs(impl, T, I, dtype):
     """Leaf tensors (requiring grad) and the callable producing h from them."""
-    from ..functional import swiglu
+    from ...functional import swiglu
 
     def randn(*shape):
         return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_()

@@ -151,9 +151,3 @@ def write_results(results: dict, out: Path) -> list[Path]:
     _write_atomic(out / "results.md", markdown(results))
     return [out / "results.json", out / "results.md"]
 
-
-def write_outputs(results: dict, out: Path) -> list[Path]:
-    """results.json, results.md and the plots in `out` (created if needed); returns the paths."""
-    from .finetune_plots import write_plots
-
-    return [*write_results(results, out), *write_plots(results, Path(out))]

@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from .bench_kernel import _int_list
-from .peers import liger_swiglu_mlp
+from ..peers import liger_swiglu_mlp
+from .args import int_list
 
 VARIANTS = ("stock", "patched", "tiled", "liger", "compile")
 NO_CUDA = "no CUDA device: the MLP benchmark needs a GPU"
@@ -32,14 +32,14 @@ def add_parser(sub) -> None:
     p = sub.add_parser("mlp", help="GPU: one MLP layer fwd+bwd time and peak memory, stock vs patched vs peers")
     p.add_argument("--hidden", type=int, default=4096, help="default: Llama-3-8B")
     p.add_argument("--intermediate", type=int, default=14336, help="default: Llama-3-8B")
-    p.add_argument("--tokens", type=_int_list, default=(8192, 32768), help="comma list, e.g. 8k,32k")
+    p.add_argument("--tokens", type=int_list, default=(8192, 32768), help="comma list, e.g. 8k,32k")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time per point, ms")
     p.set_defaults(func=_main)
 
 
 def _build(name: str, stock):
-    from ..patch import apply_swiglu_patch
+    from ...patch import apply_swiglu_patch
 
     if name == "stock":
         return stock

@@ -27,7 +27,7 @@ import gc
 
 import torch
 
-from ..memory import LiveTensorBytes, resident_bytes, training_state
+from ...memory import LiveTensorBytes, resident_bytes, training_state
 
 CPU_KIND = ("live tensor bytes (CPU): parameters, buffers, gradients and optimizer state at the start of "
             "the memory step plus the peak of tensors allocated during it; each storage counted once")

@@ -18,9 +18,9 @@ from torch import nn
 from swiglu_hf import apply_swiglu_patch
 from swiglu_hf.errors import InvalidInputError, SwigluError
 
-from . import finetune_data as data
-from .finetune import FinetuneConfig
-from .peers import PeerUnavailable, apply_liger_swiglu_mlp
+from ..peers import PeerUnavailable, apply_liger_swiglu_mlp
+from . import data
+from .config import FinetuneConfig
 
 DEFAULT_CONFIG = data.DATA_DIR / "byte_llama.json"
 DEFAULT_MODEL_NAME = "tiny Llama (byte_llama.json: 3 layers, hidden 128, MLP 384), random init"
@@ -127,7 +127,8 @@ def prepare_base(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     return model.train()
 
 
-def _zero3(accelerator) -> bool:
+def is_zero3(accelerator) -> bool:
+    """Whether the accelerator runs DeepSpeed ZeRO-3 (weights partitioned: variants are rebuilt, not copied)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3
 
@@ -175,8 +176,9 @@ def apply_variant(name: str, model: nn.Module, device: torch.device, backend: st
     return torch.compile(model)
 
 
-def _variant_model(name, base, cfg, accelerator) -> nn.Module:
-    if not _zero3(accelerator):
+def variant_model(name: str, base: nn.Module | None, cfg: FinetuneConfig, accelerator) -> nn.Module:
+    """Variant `name` on the accelerator's device: a copy of `base`, or under ZeRO-3 (base None) a rebuild."""
+    if not is_zero3(accelerator):
         return apply_variant(name, copy.deepcopy(base).to(accelerator.device), accelerator.device, cfg.backend)
     # ZeRO-3: partitioned weights cannot be copied; rebuild under zero.Init with the same seed. The
     # patch gathers each probed module's weights itself (swiglu_hf's DeepSpeed integration).

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidInputError, SwigluError
+from ...errors import InvalidInputError, SwigluError
 
-DATA_DIR = Path(__file__).with_name("data")
+DATA_DIR = Path(__file__).parents[1] / "data"  # swiglu_hf/tools/data
 CORPUS = DATA_DIR / "corpus.txt"
 FORMATS = ".txt, .jsonl, .parquet, or a directory saved with datasets' save_to_disk"
 _TXT_PIECE = 1 << 20  # characters per tokenizer call for .txt files (split at a line end)

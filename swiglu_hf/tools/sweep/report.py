@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import sweep_configs
+from . import configs
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _refusal_notes(r: Result) -> str:
     return f"refused {len(r.refused)}: " + "; ".join(reasons).replace("|", "\\|")
 
 
-def _value(v) -> str:
+def format_value(v) -> str:
     return "[" + ", ".join(f"{x:g}" for x in v) + "]" if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
@@ -111,7 +111,7 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
         "Each model type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (plus a few vision-language models, run on "
         "text) is built tiny from its own config class (hidden 64, 2 layers, 4 heads, 4 experts, vocab 128, passed "
         "to the constructor so that per-layer overrides, rope sections and layer patterns are derived as for a "
-        "checkpoint; `swiglu_hf/tools/sweep_configs.py`), patched with `apply_swiglu_patch(strict=False)` and "
+        "checkpoint; `swiglu_hf/tools/sweep/configs.py`), patched with `apply_swiglu_patch(strict=False)` and "
         "compared with the stock model against a float64 copy: logits, loss and every parameter gradient must "
         "satisfy patched err <= 2 x stock err + 4 eps (relative max error, as `swiglu-hf verify`). Every module "
         "with a gated structure must be patched or refused with a reason; a feed-forward module whose forward "
@@ -122,7 +122,7 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
         "gradient are `torch.equal` to stock's.",
         "- **non-identity**: every config field that scales or clamps (multiplier, limit, alpha, softcap, routing "
         "scale; Gemma 3n's activation sparsity) set to a non-identity value small enough to bind on tiny "
-        f"activations (limits {sweep_configs.LIMIT:g}, multipliers 0.88 / 0.59), `mlp_bias` (and `attention_bias`) on where off, "
+        f"activations (limits {configs.LIMIT:g}, multipliers 0.88 / 0.59), `mlp_bias` (and `attention_bias`) on where off, "
         "and every parameter the initialisation leaves constant (zero biases, unit norm weights) perturbed: "
         "identity values cannot hide math the patch drops. Values listed per row; `-`: not run (no gated unit).",
         "",
@@ -140,7 +140,7 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
             part = f" ({len(r.refused)} of {len(r.refused) + r.patched} units; the others patched and verified)" \
                 if r.patched else ""
             lines.append(f"- {r.model_type}{part}: {_refusal_notes(r).split(': ', 1)[-1]}")
-        lines += [f"- {r.model_type} (non-identity: {', '.join(f'{k}={_value(v)}' for k, v in r.scaled.items())}): "
+        lines += [f"- {r.model_type} (non-identity: {', '.join(f'{k}={format_value(v)}' for k, v in r.scaled.items())}): "
                   f"{_refusal_notes(r).split(': ', 1)[-1]}" for r in scaled_refused]
         lines.append("")
     others = [r for r in defaults if r.status in ("unrecognised", "unavailable", "not built", "failed", "mismatch")
@@ -176,7 +176,7 @@ def markdown(rows: list[Row], *, seconds: float | None = None, backend: str = "t
         if s is not None and (s.detail or s.refused) and not same_refusal and (s.detail, s.refused) != (r.detail, r.refused):
             notes.append("non-identity: " + " ".join(x for x in (s.detail, _refusal_notes(s)) if x))
         values = "-" if s is None else ", ".join(
-            [f"{k}={_value(v)}" for k, v in s.scaled.items()] + ([f"{s.perturbed} constant tensors perturbed"] if s.perturbed else []))
+            [f"{k}={format_value(v)}" for k, v in s.scaled.items()] + ([f"{s.perturbed} constant tensors perturbed"] if s.perturbed else []))
         cell = " ".join(notes).replace("|", "\\|")
         lines.append(f"| {r.model_type} | {r.status} | {units} | {err} | {r.bf16 or '-'} | {_scaled_cell(row)} | {values} | {cell} |")
     return "\n".join(lines) + "\n"

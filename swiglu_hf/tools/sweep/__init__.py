@@ -2,7 +2,7 @@
 
 For each model type in the installed transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (plus a few
 multimodal ones through their image-text-to-text class): build its config class with small sizes
-(`sweep_configs`: hidden 64, 2 layers, 4 heads, 4 experts, vocab 128; nested configs too, per-layer
+(`configs`: hidden 64, 2 layers, 4 heads, 4 experts, vocab 128; nested configs too, per-layer
 overrides and the constraints of each config class kept), build the model in fp32, patch a copy with
 apply_swiglu_patch(strict=False) and compare logits, loss and every parameter gradient with a float64
 copy using swiglu_hf.verification's rule (patched error <= 2x stock error + 4 eps). Every gated unit
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from .. import verification
-from ..errors import NoGatedMLPError
-from ..forms import use_eager_experts
-from ..patch import apply_swiglu_patch, patch_report
-from ..recipes import match_recipe
-from . import sweep_configs
-from .sweep_configs import VOCAB, flat, scaled_values
-from .sweep_report import Result, Row, _value, markdown
+from ... import verification
+from ...errors import NoGatedMLPError
+from ...forms import use_eager_experts
+from ...patch import apply_swiglu_patch, patch_report
+from ...recipes import match_recipe
+from . import configs
+from .configs import VOCAB, flat, scaled_values
+from .report import Result, Row, format_value, markdown
 
 # Extra multimodal types (language tower inside a vision-language model), built with
 # AutoModelForImageTextToText and run on text only.
@@ -82,7 +82,7 @@ def _one_thread():
 
 def tiny_config(model_type: str, *, scaled: dict | None = None):
     """The config class built with tiny sizes (nested text / vision configs too); `scaled`: extra values."""
-    return sweep_configs.tiny_config(model_type, scaled=scaled)
+    return configs.tiny_config(model_type, scaled=scaled)
 
 
 def build(model_type: str, seed: int = 0, *, scaled: dict | None = None, dtype: torch.dtype = torch.float32,
@@ -94,7 +94,7 @@ def build(model_type: str, seed: int = 0, *, scaled: dict | None = None, dtype: 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        if model_type in sweep_configs.DECODER_ONLY:
+        if model_type in configs.DECODER_ONLY:
             from transformers import CONFIG_MAPPING
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -157,7 +157,7 @@ def check(model_type: str, *, seed: int = 0, seq_len: int = 8, backend: str = "t
           scaled: dict | bool | None = None, bf16: bool = False) -> Result:
     """Build, patch (strict=False) and verify one model type, on `backend` ("triton": the interpreter on CPU).
 
-    scaled: the non-identity pass: True for the values of `sweep_configs.scaled_values`, or a dict of config
+    scaled: the non-identity pass: True for the values of `configs.scaled_values`, or a dict of config
         values ({}: none); either way every parameter the initialisation left constant (zero biases, unit norm
         weights) is perturbed, so that a forward dropping a bias or a norm's scale cannot pass.
     bf16: also run the bf16 pass (PyTorch path, patched == stock bitwise) when the fp32 check verifies.
@@ -212,7 +212,7 @@ def _check(model_type: str, *, seed: int, seq_len: int, backend: str, scaled, bf
         if not report.patched:
             res.status = "refused"
             if res.scaled:
-                res.detail = "with non-identity " + ", ".join(f"{k}={_value(v)}" for k, v in res.scaled.items())
+                res.detail = "with non-identity " + ", ".join(f"{k}={format_value(v)}" for k, v in res.scaled.items())
             return res
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, min(_vocab(stock), VOCAB), (2, seq_len), generator=gen)

@@ -19,12 +19,12 @@ import math
 
 import torch
 
-from ..errors import InvalidInputError, NoGatedMLPError
-from ..memory import saved_activation_bytes
-from ..patch import apply_swiglu_patch, revert_swiglu_patch
-from ..recipes import match_recipe
-from ..tiled import auto_tile_tokens
-from .peers import PeerUnavailable, liger_silu_mul
+from ...errors import InvalidInputError, NoGatedMLPError
+from ...memory import saved_activation_bytes
+from ...patch import apply_swiglu_patch, revert_swiglu_patch
+from ...recipes import match_recipe
+from ...tiled import auto_tile_tokens
+from ..peers import PeerUnavailable, liger_silu_mul
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -186,13 +186,13 @@ def _main(args) -> int:
     if (args.hidden is None) != (args.intermediate is None):
         raise InvalidInputError("--hidden and --intermediate go together")
     if args.hidden is not None:
-        from ..recipes import load_recipes
+        from ...recipes import load_recipes
 
         module = _mlp_only(args.hidden, args.intermediate, dtype).to(args.device)
         recipe = next(r for r in load_recipes() if r.form_name == "split")
         where, layers = "LlamaMLP (MLP only)", args.layers or 1
     else:
-        from .models import load_model
+        from ..models import load_model
 
         model = load_model(args.model, dtype=dtype).to(args.device)
         name, module, recipe = _first_mlp(model)

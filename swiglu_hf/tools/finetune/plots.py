@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .finetune_report import MIB, loss_agreement, speed_vs_stock
+from .report import MIB, loss_agreement, speed_vs_stock
 
 MARKERS = ("o", "s", "^", "D", "v")
 DASHES = ("-", "--", ":", "-.", (0, (3, 1, 1, 1)))

@@ -30,7 +30,7 @@ def versions() -> dict:
 
 def git_commit() -> dict | None:
     """{"commit": sha, "dirty": bool} of the checkout swiglu_hf runs from, or None outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if not (root / ".git").exists():
         return None
     try:

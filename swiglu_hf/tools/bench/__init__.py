@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import SwigluError
+from ...errors import SwigluError
 
-# bench name -> (module under swiglu_hf.tools with add_parser(bench_sub), one-line help)
+# bench name -> (module of this package with add_parser(bench_sub), one-line help)
 BENCHES = {
-    "kernel": ("bench_kernel", "GB/s of the fused kernel vs eager, Liger-Kernel and torch.compile (needs a GPU)"),
-    "memory": ("bench_memory", "activation bytes saved for backward per token per MLP layer"),
-    "mlp": ("bench_mlp", "GPU: one MLP layer fwd+bwd time and peak memory, stock vs patched vs peers"),
-    "overhead": ("bench_overhead", "CPU: host overhead per patched MLP call, stock vs patched"),
+    "kernel": ("kernel", "GB/s of the fused kernel vs eager, Liger-Kernel and torch.compile (needs a GPU)"),
+    "memory": ("memory", "activation bytes saved for backward per token per MLP layer"),
+    "mlp": ("mlp", "GPU: one MLP layer fwd+bwd time and peak memory, stock vs patched vs peers"),
+    "overhead": ("overhead", "CPU: host overhead per patched MLP call, stock vs patched"),
 }
 
 
@@ -34,7 +34,7 @@ def missing_package(err: ImportError) -> str | None:
 
 def _unavailable(name: str, module: str, missing: str):
     def run(args) -> int:
-        raise BenchUnavailableError(f"bench {name} is unavailable: swiglu_hf.tools.{module} needs the "
+        raise BenchUnavailableError(f"bench {name} is unavailable: {__name__}.{module} needs the "
                                     f"{missing.partition('.')[0]!r} package, which is not installed")
 
     return run
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     bench_sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, (module, help) in BENCHES.items():
         try:
-            loaded = importlib.import_module(f"swiglu_hf.tools.{module}")
+            loaded = importlib.import_module(f"{__name__}.{module}")
         except ModuleNotFoundError as err:
             missing = missing_package(err)
             if missing is None:

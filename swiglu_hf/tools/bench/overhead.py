@@ -41,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .bench_kernel import _int_list
+from .args import int_list
 
 MODES = ("fwd_nograd", "fwd_grad", "fwd_bwd")
 TOKENS = (1, 128)
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--tokens", type=_int_list, default=TOKENS, help="token counts T, comma separated")
+    p.add_argument("--tokens", type=int_list, default=TOKENS, help="token counts T, comma separated")
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--intermediate", type=int, default=INTERMEDIATE)
     p.add_argument("--batches", type=int, default=21, help="timed batches per variant and point (median over them)")
@@ -124,7 +124,7 @@ def build_pair(hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, dtype=tor
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from ..patch import apply_swiglu_patch, patched_modules
+    from ...patch import apply_swiglu_patch, patched_modules
 
     # one attention head: LlamaConfig checks hidden % heads, and the MLP does not use them
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu",
@@ -174,7 +174,7 @@ def run(tokens=TOKENS, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, m
         batches: int = 21, batch_ms: float = 20.0, threads: int | None = 1, dtype=torch.float32,
         device: str = "cpu") -> list[dict]:
     """One row per (what, tokens, mode): stock_us, patched_us, overhead_us (patched - stock)."""
-    from ..functional import swiglu
+    from ...functional import swiglu
 
     old_threads = torch.get_num_threads()
     if threads:
@@ -207,8 +207,8 @@ def decode(new_tokens: int = 32, rounds: int = 7, device: str = "cpu", threads: 
 
     Both generate the same `new_tokens` from the same prompt; the tokens must be equal (else this
     raises: a speed of a wrong answer is no result)."""
-    from ..loading import build_tiny
-    from ..patch import apply_swiglu_patch
+    from ...loading import build_tiny
+    from ...patch import apply_swiglu_patch
 
     old_threads = torch.get_num_threads()
     if threads:

@@ -1,4 +1,4 @@
-"""The training loop of `swiglu-hf finetune` (see finetune.py for what it measures and why).
+"""The training loop of `swiglu-hf finetune` (see the package docstring for what it measures and why).
 
     results = run(FinetuneConfig(...), on_variant=callback)
 
@@ -24,15 +24,15 @@ from swiglu_hf import patched_modules
 from swiglu_hf.errors import BackendUnavailableError, InvalidInputError
 from swiglu_hf.memory import track_saved
 
-from . import finetune_data as data
-from .finetune import FinetuneConfig
-from .finetune_env import provenance, wrapper
-from .finetune_memory import PeakMemory, memory_kind, reset_cuda_peak
-from .finetune_model import (
-    VariantUnavailable, _variant_model, _zero3, apply_variant, backend_used, build_model, check_model, local_tokenizer,
-    prepare_base,
+from ..progress import StepProgress
+from . import data
+from .config import FinetuneConfig
+from .env import provenance, wrapper
+from .memory import PeakMemory, memory_kind, reset_cuda_peak
+from .model import (
+    VariantUnavailable, apply_variant, backend_used, build_model, check_model, is_zero3, local_tokenizer, prepare_base,
+    variant_model,
 )
-from .progress import StepProgress
 
 
 def is_main_process() -> bool:
@@ -330,7 +330,7 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
     so far (results["pending"] lists the variants still to come). `command` is recorded as the
     command line (default: this process's sys.argv).
     """
-    from .finetune_report import format_header
+    from .report import format_header
     if cfg.model:  # refuse bad paths (and models finetune cannot train) before anything is built
         check_model(cfg.model)
     if cfg.data:
@@ -343,7 +343,7 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
     tokenizer = local_tokenizer(cfg.model, cfg.trust_remote_code) if cfg.model else None
     saved_tokenizer = tokenizer
     if cfg.save and not cfg.model and not cfg.preset:  # the shipped model: --save writes a whole checkpoint
-        from .tiny_checkpoint import byte_tokenizer
+        from ..tiny_checkpoint import byte_tokenizer
 
         saved_tokenizer = byte_tokenizer()
     windows_needed = cfg.steps * cfg.grad_accum * cfg.batch_size * accelerator.num_processes
@@ -357,7 +357,7 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
         num_processes=accelerator.num_processes, rank=accelerator.process_index)]
     held_out_windows = len(held_out)
     held_out = [b.to(device) for b in data.eval_batches(held_out, cfg.batch_size)][: cfg.eval_batches or None]
-    base = None if _zero3(accelerator) else prepare_base(base, cfg)  # ZeRO-3: each variant is rebuilt
+    base = None if is_zero3(accelerator) else prepare_base(base, cfg)  # ZeRO-3: each variant is rebuilt
 
     mixed = accelerator.state.mixed_precision
     results = {
@@ -388,7 +388,7 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
         if variant in results["skipped"]:
             continue  # said at its first run, which took its later runs off the pending list
         try:
-            model = _variant_model(variant, base, cfg, accelerator)
+            model = variant_model(variant, base, cfg, accelerator)
         except VariantUnavailable as why:
             say(f"skipping variant {variant!r}: {why}")
             results["skipped"][variant] = str(why)
