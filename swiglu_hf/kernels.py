@@ -13,24 +13,10 @@ Backward, recomputing the activation from the saved gate and up (act(gate) is no
                                                     # sigmoid_backward, whose CUDA kernel rounds each
                                                     # step in fp16/bf16 (see below)
 
-The same kernels run every gate spec (swiglu_hf.gate_spec.GateSpec), each step rounded where the eager
-op that computes it returns a dtype tensor (the scalars as eager converts them: a Python float
-multiplier or alpha is an fp32 operand, a clamp bound is rounded to dtype through fp32):
-
-    g1 = round(gate * gate_mul)                     # gate_mul: Falcon-H1's multiplier
-    gc = min(g1, round(gate_max))                   # clamp(max=); NaN passes
-    uc = clamp(up, -round(up_limit), round(up_limit))
-    a  = act(gc)   relu2: round(relu(gc)^2)         silu_alpha: round(gc * round(sigmoid(round(gc * alpha))))
-    u1 = round(uc + 1)  if up_plus_one  else  uc
-    h  = round(u1 * a)
-
-and backward, op by op as eager autograd forms it (swiglu_hf.gate_spec.backward):
-
-    dact = round(dh * u1);  du = round(dh * a), 0 where up is outside [-lim, lim] (or NaN)
-    dgc  = the activation's backward of dact:      relu2: threshold_backward(round(dact * round(2 r)), r, 0)
-           silu_alpha: round(round(dact * s) + round(sigmoid_backward(round(dact * gc), s) * alpha)),
-           sigmoid_backward(q, s) = round(round(q * round(1 - s)) * s), CUDA's scalar_t arithmetic
-    dg1  = dgc, 0 where not g1 <= round(gate_max);  dgate = round(dg1 * gate_mul)
+The same kernels run every gate spec (swiglu_hf.gate_spec.GateSpec: multiplier, clamps, relu2,
+silu_alpha, up + 1, interleaved), each step rounded where the eager op that computes it returns a
+dtype tensor; the step-by-step forward and backward are tabled in docs/ARCHITECTURE.md "The gate spec
+in the kernels" (and written out in swiglu_hf.gate_spec.apply / backward, the PyTorch path).
 
 Absent fields are constexpr None (and UP_PLUS_ONE a constexpr bool), so a plain activation
 compiles to the code it had before specs existed (sigmoid's backward now rounds its steps as
