@@ -231,35 +231,6 @@ def _one_sequence_per_row():
 
 
 @contextlib.contextmanager
-def _autocast_state_on_meta():
-    """swiglu_hf's tiled recompute records the forward's autocast state with torch.is_autocast_enabled(
-    x.device.type), which raises for "meta" (torch has no meta autocast). For the step, meta reads as
-    "autocast off" (it is off: the step runs no autocast). A no-op where swiglu_hf handles meta itself."""
-    import importlib
-    import importlib.util
-
-    patched = []
-    for name in ("swiglu_hf.tiled", "swiglu_hf.gated"):
-        module = importlib.import_module(name) if importlib.util.find_spec(name) else None
-        found = getattr(module, "_amp_capture", None)
-        if found is None:
-            continue
-
-        def capture(device, found=found):
-            if device.type == "meta":
-                return "cpu", False, torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled()
-            return found(device)
-
-        module._amp_capture = capture
-        patched.append((module, found))
-    try:
-        yield
-    finally:
-        for module, found in patched:
-            module._amp_capture = found
-
-
-@contextlib.contextmanager
 def _contexts(model: nn.Module, tracker: PeakBreakdown, attention: Attention):
     """Module hooks that tell the tracker which part of the model makes each tensor: the gated MLPs
     ("mlp"), lm_head and the loss ("head"), everything else ("rest"). Nothing inside a gated MLP gets
@@ -345,7 +316,7 @@ def measure(model: nn.Module, spec: StepSpec, seq_len: int) -> dict:
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.mark([p.grad], "gradients")) for p in trainable]
     attention = Attention(spec.target)
     try:
-        with _one_sequence_per_row(), _autocast_state_on_meta(), _contexts(model, tracker, attention), tracker:
+        with _one_sequence_per_row(), _contexts(model, tracker, attention), tracker:
             loss = model(input_ids=ids, labels=ids).loss
             tracker.phase, tracker.head_backward = "backward", True
             loss.backward()
