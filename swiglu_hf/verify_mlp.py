@@ -106,7 +106,7 @@ def mlp_checks(name: str, module, state: PatchState, call, floor: float) -> list
     errs = {}  # (group, label) -> [stock err, patched err]; None: absent on that side
     for forward in (stock, getattr(module, state.attr)):
         run = _grads_of(forward, call, params)
-        for key in ref.keys() | run.keys():
+        for key in [*ref, *(k for k in run if k not in ref)]:  # ref's order first: a stable table
             r, t = ref.get(key), run.get(key)
             absent = r is None or t is None or t.shape != r.shape
             errs.setdefault(key, []).append(None if absent else rel_err(t, r))
