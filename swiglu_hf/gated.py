@@ -225,11 +225,11 @@ def down_of_glu(down_proj: nn.Module, parts, activation, backend: str, post: nn.
     """down_proj(post(glu(parts))) in default mode: saves the parts (H + 2I), never h. `post` is a module
     between the gate and down_proj (BitNet's ffn_sub_norm); what it saves other than h it keeps.
     `activation`: a GateSpec or its key."""
-    eager = ops.eager_ok(*parts)
-    if eager and backend != "triton" and ops.as_spec(activation).plain:
-        return stock_ops_down(down_proj, parts, ops.as_spec(activation), post)
+    spec = ops.as_spec(activation) if ops.eager_ok(*parts) else None  # None: traced, the ops take keys
+    if spec is not None and backend != "triton" and spec.plain:
+        return stock_ops_down(down_proj, parts, spec, post)
     if post is None and plain_linear(down_proj):
-        gate = ops.as_spec(activation) if eager else ops.key_of(activation)
+        gate = ops.key_of(activation) if spec is None else spec
         return GLUDown.apply(down_proj.weight, down_proj.bias, gate, backend, *parts)
     h = glu(parts, activation, backend)
 

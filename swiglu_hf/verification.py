@@ -37,13 +37,12 @@ import contextlib
 import copy
 import functools
 import math
-import weakref
 
 import torch
 
 from .backend import resolve
 from .forms import use_eager_experts
-from .memory import LiveTensorBytes, _storages, resident_bytes, training_state
+from .memory import LiveTensorBytes, resident_bytes, training_state
 from .numerics import rel_err, ulp_diff
 from .patch import apply_swiglu_patch, patched_modules, revert_swiglu_patch, suspended
 from .verify_mlp import Recorder, mlp_checks
@@ -139,15 +138,9 @@ def _peak(model, device: torch.device, report: VerifyReport):
         report.peak_bytes, report.peak_kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
         return
     resident = training_state(model, None)
-    mode = LiveTensorBytes()
-    # The tracker counts every storage an op returns; a view of a weight (the W.t() of each linear) returns
-    # the weight's storage, already counted in `resident`: mark those as seen, holding their Python
-    # storage objects so that an op returning a view of them returns the same object.
-    held = [st for t in resident for st in _storages(t)]
-    mode._refs.update((id(st), weakref.ref(st)) for st in held)
+    mode = LiveTensorBytes()  # a view of a weight shares the op's input storage: never counted
     with mode:
         yield
-    del held
     report.peak_bytes = resident_bytes(resident) + mode.peak
     report.peak_kind = "live tensor bytes: weights, buffers, gradients at the start plus the peak of tensors verify created"
 

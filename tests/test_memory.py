@@ -290,23 +290,28 @@ def _step_peak(model, ids) -> int:
     return tracker.peak
 
 
-def test_lora_down_proj_under_checkpointing_keeps_no_gate_or_up_alive():
+def test_lora_down_proj_under_checkpointing_keeps_no_gate_or_up_alive(patch_backend):
     """A wrapped down_proj (LoRA) drops h through a saved-tensor hook. Under non-reentrant checkpointing
-    the outer hooks hold the parts, so the patched step's peak must not exceed stock's: the hook once held
-    gate and up of every layer until backward (autograd keeps the pack hook as long as the saved h)."""
+    the outer hooks hold the parts; the hook once held gate and up of every layer until backward (autograd
+    keeps the pack hook as long as the saved h): +3 I-sized tensors on this model. The PyTorch path
+    (stock's ops, act and h dropped) must peak at or below stock. The kernels' path (the fused op's own
+    backward, which allocates dgate and dup together) peaks one I-sized tensor of one layer above stock,
+    in backward, the same at any depth: the bound allows that transient and no more, far below a leak."""
     peft = pytest.importorskip("peft")
     ids = torch.randint(3, 96, (4, 64), generator=torch.Generator().manual_seed(0))
     peaks = {}
     for name in ("stock", "patched"):
         model = build_tiny("tiny-llama").train()
         if name == "patched":
-            apply_swiglu_patch(model, backend="torch")
+            apply_swiglu_patch(model)
+        one_i = ids.numel() * model.config.intermediate_size * 4  # one fp32 (B, T, I) tensor
         config = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0)
         model = peft.get_peft_model(model, config)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         peaks[name] = _step_peak(model, ids)
-    assert peaks["patched"] <= peaks["stock"], peaks
+    allowed = 0 if patch_backend == "torch" else one_i
+    assert peaks["patched"] <= peaks["stock"] + allowed, peaks
 
 
 # ---- options -----------------------------------------------------------------------------

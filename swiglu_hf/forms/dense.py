@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backend import BACKEND_ENV
 from ..distributed import is_partitioned
-from ..gated import GLUDown, down_of_glu, linear, plain_linear, resolve_gate, stock_ops_down
+from ..gated import down_of_glu, linear, plain_linear, resolve_gate
 from ..tiled import TiledMLP, TiledRecompute, TiledZero3, _trainable, auto_tile_tokens, draws_random
 from .base import PROBE_SCALES, Form
 
@@ -238,7 +238,7 @@ class _Plan:
     calling the module. `lean` is False for what the general forward handles: tiled mode, optional
     roles (sub-norm, adapters, per-channel scales); then forward() runs."""
 
-    __slots__ = ("children", "lean", "projections", "down", "spec", "backend", "out_mul", "_backends")
+    __slots__ = ("children", "lean", "projections", "down", "spec", "backend", "has_out_mul", "_backends")
 
     def __init__(self, form: DenseForm, module: nn.Module, state):
         p = state.recipe.projections
@@ -249,7 +249,7 @@ class _Plan:
         self.down = getattr(module, p["down"])
         self.spec = ops.as_spec(state.activation)
         self.backend = state.backend
-        self.out_mul = "down_multiplier" in module.__dict__  # Falcon-H1: read per call, as stock does
+        self.has_out_mul = "down_multiplier" in module.__dict__  # Falcon-H1: read per call, as stock does
         self._backends: dict = {}
 
     def _resolve(self, x: Tensor) -> str:
@@ -262,16 +262,11 @@ class _Plan:
     def run(self, module: nn.Module, x: Tensor) -> Tensor:
         backend, spec, down = self._resolve(x), self.spec, self.down
         parts = tuple([linear(m, x) for m in self.projections])
-        if torch.is_grad_enabled():
-            if backend != "triton" and spec.plain:  # stock's ops and C++ autograd, act and h dropped by hooks
-                y = stock_ops_down(down, parts, spec)
-            elif plain_linear(down):  # the fused kernels: saves gate and up, never h (GLUDown)
-                y = GLUDown.apply(down.weight, down.bias, spec, backend, *parts)
-            else:  # LoRA / quantized / hooked down_proj: called as stock calls it, h dropped by a hook
-                y = down_of_glu(down, parts, spec, backend)
+        if torch.is_grad_enabled():  # saves gate and up, never act or h (gated.down_of_glu picks the path)
+            y = down_of_glu(down, parts, spec, backend)
         else:  # nothing saved: the fused op between the linears
             y = linear(down, ops.forward(parts, spec, backend))
-        if self.out_mul:
+        if self.has_out_mul:
             out_mul = _out_multiplier(module)
             return y if out_mul is None else y * out_mul
         return y

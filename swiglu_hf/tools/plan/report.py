@@ -9,7 +9,7 @@ from .search import GIB
 
 COLUMNS = (("weights", "weights"), ("gradients", "grads"), ("optimizer_state", "optim"),
            ("activations_mlp", "act MLP"), ("activations_rest", "act rest"), ("logits_loss", "logits+loss"),
-           ("transient", "transient"), ("cublas_workspace", "cuBLAS"), ("recounted_resident", "recounted"))
+           ("transient", "transient"), ("cublas_workspace", "cuBLAS"))
 
 
 def assumptions(result: dict) -> dict:
@@ -28,8 +28,7 @@ def assumptions(result: dict) -> dict:
                     "buffers and optimizer state from the start" + ("; each storage rounded up to 512 bytes (the CUDA "
                     "caching allocator's block, which max_memory_allocated counts); the optimizer runs foreach (torch's "
                     "CUDA default); cuBLAS workspaces: 2 x 32 MiB (Hopper's default size, one per thread that runs GEMMs)"
-                    if cuda else "; exact bytes, as the main job's CPU tracker counts them (views of weights and "
-                    "in-place updates of resident tensors are counted again, see recounted_resident)")),
+                    if cuda else "; exact bytes, as the main job's CPU tracker counts them")),
         "not_counted": ("memory a kernel allocates for itself without returning it: flash attention's backward "
                         "workspace (float32 dQ accumulator, B*T*heads*head_dim*4 bytes, plus expanded dK/dV with GQA), "
                         "cuDNN/NCCL workspaces; the CUDA context (outside the allocator: kept out by --reserve-gb); "

@@ -191,7 +191,7 @@ def where(breakdown: dict) -> str:
     """The largest part of the peak besides the weights, in words."""
     words = {"gradients": "gradients", "optimizer_state": "optimizer state", "activations_mlp": "MLP activations",
              "activations_rest": "activations outside the MLP", "logits_loss": "logits and loss",
-             "transient": "backward temporaries", "recounted_resident": "weights recounted by the CPU tracker"}
+             "transient": "backward temporaries"}
     parts = {k: v for k, v in breakdown.items() if k in words}
     return words[max(parts, key=parts.get)] if parts else "weights"
 

@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from ...memory import LiveTensorBytes
 
 CATEGORIES = ("weights", "gradients", "optimizer_state", "activations_mlp", "activations_rest", "logits_loss",
-              "transient", "recounted_resident")
+              "transient")
 CUDA_BLOCK = 512  # CUDA caching allocator: every allocation is rounded up to a multiple of 512 bytes
 TARGETS = ("cuda", "cpu")
 
@@ -60,22 +60,13 @@ class StepSpec:
 class PeakBreakdown(LiveTensorBytes):
     """swiglu_hf.memory.LiveTensorBytes that also counts meta storages (rounded up to `block` bytes) and
     remembers which storages were live at the peak, each with the phase and module it was made in.
+    (Views of resident tensors and in-place updates share an input's storage: the base class never
+    counts them, as a device's allocator does not.)"""
 
-    `resident`: the tensors that exist before the block (weights, optimizer state). An op that returns a
-    view of one (W.t() in every linear) or the tensor itself (in-place optimizer updates) hands the
-    tracker a storage it has not seen. LiveTensorBytes counts it then as a new allocation, for as long
-    as the resident tensor lives; with recount_resident=False (what a device's allocator does) it is
-    known from the start and never counted; with True (what the main job's tracker reports on a CPU
-    today) it is counted and shown as "recounted_resident"."""
-
-    def __init__(self, block: int = 1, resident=(), recount_resident: bool = False, device_only: bool = False):
+    def __init__(self, block: int = 1, device_only: bool = False):
         super().__init__()
         self.block = block
         self.device_only = device_only  # count meta storages only: the CPU ones (AdamW's step counts) stay in host memory
-        self._resident = {id(t.untyped_storage()): t.untyped_storage() for t in resident}
-        if not recount_resident:
-            for key, st in self._resident.items():
-                self._refs[key] = weakref.ref(st)
         self.phase = "forward"
         self.where: list[str] = []  # module context stack: "mlp", "rest", "head"
         self.head_backward = False  # backward before the grad reaches the decoder's output: logits and loss
@@ -104,8 +95,6 @@ class PeakBreakdown(LiveTensorBytes):
         self._refs[key] = weakref.ref(st, lambda r, k=key, n=nbytes: self._freed(k, n, r))
         context = self.where[-1] if self.where else ("head" if self.head_backward else None)
         self._serial[key] = len(self.made)
-        if key in self._resident:
-            self.marks[len(self.made)] = "recounted_resident"
         self.made.append((nbytes, self.phase, context))
         self.live += nbytes
         if self.live > self.peak:
@@ -116,7 +105,7 @@ class PeakBreakdown(LiveTensorBytes):
     def mark(self, tensors, category: str) -> None:
         for t in tensors:
             serial = self._serial.get(id(t.untyped_storage()))
-            if serial is not None and self.marks.get(serial) != "recounted_resident":
+            if serial is not None:
                 self.marks[serial] = category
 
     def breakdown(self) -> dict:
@@ -311,8 +300,7 @@ def measure(model: nn.Module, spec: StepSpec, seq_len: int) -> dict:
     gc.collect()
     weights = distinct_bytes([*model.parameters(), *model.buffers()], block, device_only)
     state_before = distinct_bytes(_optimizer_state(optimizer), block, device_only)
-    resident = [*model.parameters(), *model.buffers(), *_optimizer_state(optimizer)]
-    tracker = PeakBreakdown(block, resident, recount_resident=spec.target == "cpu", device_only=device_only)
+    tracker = PeakBreakdown(block, device_only=device_only)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.mark([p.grad], "gradients")) for p in trainable]
     attention = Attention(spec.target)
     try:
