@@ -100,14 +100,17 @@ def resident_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def optimizer_state(optimizer) -> list[torch.Tensor]:
+    """The optimizer's state tensors (accelerate's AcceleratedOptimizer forwards .state; None: none)."""
+    state = getattr(optimizer, "state", {})
+    return [v for per_param in state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
+
+
 def training_state(model: torch.nn.Module, optimizer) -> list[torch.Tensor]:
     """Parameters, buffers, gradients and optimizer state tensors."""
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    state = getattr(optimizer, "state", {})  # accelerate's AcceleratedOptimizer forwards .state
-    for per_param in state.values():
-        tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
-    return tensors
+    return tensors + optimizer_state(optimizer)
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -126,6 +126,23 @@ def test_peak_memory_shows_the_mlp_saving(cpu_run):
     assert v["tiled"]["peak_memory_bytes"] < v["patched"]["peak_memory_bytes"]
 
 
+def test_peak_breakdown_sums_to_the_peak_and_shows_where_the_mlp_saving_went(cpu_run):
+    out, _, r, log = cpu_run
+    v = r["variants"]
+    from swiglu_hf.peak import CATEGORIES
+
+    for name, x in v.items():  # the tracker `swiglu-hf plan` runs, here on the real CPU step
+        assert list(x["peak_breakdown"]) == list(CATEGORIES)
+        assert sum(x["peak_breakdown"].values()) == x["peak_memory_bytes"], name
+        assert x["peak_phase"] in ("forward", "backward", "optimizer") and x["peak_is"]
+        assert x["peak_breakdown"]["weights"] + x["peak_breakdown"]["optimizer_state"] <= x["resident_bytes"]
+    mlp = {name: x["peak_breakdown"]["activations_mlp"] for name, x in v.items()}
+    assert mlp["stock"] > mlp["patched"] > mlp["tiled"]
+    md = (out / "results.md").read_text()
+    assert "## Breakdown at the measured peak (MiB)" in md and "| variant | peak MiB | peak is | at | weights |" in md
+    assert "breakdown at the measured peak" in log and "MLP activations at the peak" in log
+
+
 # Timed steps of a real default run (`swiglu-hf finetune`, 2 runs each in the order stock, patched,
 # tiled, tiled, patched, stock; 2 shared CPU cores, 2026-12-07): seconds per step of 1,024 tokens.
 # Stock's first run carried the process warm-up and another job's load (0.17-3.0 s steps), its second

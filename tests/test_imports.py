@@ -95,7 +95,7 @@ def test_the_graph_sees_every_kind_of_import():
     finetune = "swiglu_hf.tools.finetune"
     assert f"{finetune}.data" in graph[f"{finetune}.run"]  # `from . import data`: the submodule
     assert f"{finetune}.run" in graph[finetune]  # `from .run import ...` inside _main
-    assert "swiglu_hf.memory" in graph[f"{finetune}.memory"]  # `from ...memory import ...`
+    assert "swiglu_hf.peak" in graph[f"{finetune}.memory"]  # `from ...peak import ...`
     assert "swiglu_hf.loading" in graph[f"{finetune}.model"]  # `from swiglu_hf.loading import ...` in a function
     assert "swiglu_hf" in graph[f"{finetune}.model"]  # `from swiglu_hf import apply_swiglu_patch`: the package
 

@@ -21,17 +21,27 @@ def _main_job(**kwargs) -> dict:
 
     # small batches keep the real CPU step cheap; the meta step runs the same settings
     results = run(FinetuneConfig(steps=1, device="cpu", eval_batches=1, batch_size=2, seq_len=64, **kwargs), quiet=True)
-    return {v: r["peak_memory_bytes"] for v, r in results["variants"].items()}
+    return {v: (r["peak_memory_bytes"], r["peak_breakdown"]) for v, r in results["variants"].items()}
 
 
 def _predicted(**kwargs) -> dict:
     plan = run_plan(PlanConfig(dtype="fp32", batch_size=2, seq_len=64, steps=1, target="cpu", search=False, **kwargs))
-    return {v: r["peak_bytes"] for v, r in plan["variants"].items()}
+    return {v: (r["peak_bytes"], r["breakdown"]) for v, r in plan["variants"].items()}
+
+
+# The main job's loss bookkeeping (accelerate's loss / grad_accum, the step's float loss): a few scalars
+BOOKKEEPING_BYTES = 512
 
 
 def _assert_close(predicted: dict, measured: dict, variants=VARIANTS):
+    """Within 3% of the measured peak (the issue's bar), and the same breakdown at the peak: both run the
+    one tracker (swiglu_hf.peak), so each category agrees to the main job's bookkeeping scalars."""
     for v in variants:
-        assert abs(predicted[v] - measured[v]) <= 0.03 * measured[v], (v, predicted[v], measured[v])
+        (p, p_parts), (m, m_parts) = predicted[v], measured[v]
+        assert abs(p - m) <= 0.03 * m, (v, p, m)
+        assert list(p_parts) == list(m_parts)
+        for k in m_parts:
+            assert abs(p_parts[k] - m_parts[k]) <= BOOKKEEPING_BYTES, (v, k, p_parts[k], m_parts[k])
 
 
 def test_predicts_the_main_jobs_peak_on_its_default_model():
@@ -64,9 +74,7 @@ def test_predicts_the_main_jobs_peak_on_another_model_with_checkpointing(qwen3_d
 
 
 def test_predicts_the_main_jobs_peak_with_lora_and_checkpointing():
-    # Known gap, small here: swiglu_hf.gated drops h (down_proj's saved input, LoRA path) by matching storages
-    # on data_ptr(), which is 0 on the meta device, so the meta step keeps h where a device recomputes it
-    # (batch 8 x 128 tokens: patched 27.2 MB predicted, 28.3 MB measured, -3.8%)
+    # LoRA's down_proj takes the saved-tensor-hook path (h dropped, recomputed): the same on meta and CPU
     _assert_close(_predicted(lora=True, gradient_checkpointing=True), _main_job(lora=True, gradient_checkpointing=True))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...peak import LABELS
 from .report import MIB, loss_agreement, speed_vs_stock
 
 MARKERS = ("o", "s", "^", "D", "v")
@@ -61,23 +62,38 @@ def _speed_plot(results: dict, fig) -> bool:
 
 
 def _memory_plot(results: dict, fig) -> None:
+    """Per variant: the peak (stacked by its breakdown where the run has one: CPU) and the bytes saved
+    for backward, side by side."""
     ax = fig.subplots()
     variants = results["variants"]
     names = list(variants)
     width = 0.38
-    for offset, key, label in ((-width / 2, "peak_memory_bytes", "peak memory"),
-                               (width / 2, "saved_activation_bytes", "saved for backward (one micro-batch)")):
-        raw = [variants[n].get(key) for n in names]
-        bars = ax.bar([x + offset for x in range(len(names))], [(b or 0) / MIB for b in raw], width, label=label)
+    xs = [x - width / 2 for x in range(len(names))]
+    peaks = [variants[n].get("peak_memory_bytes") for n in names]
+    if all(variants[n].get("peak_breakdown") for n in names):
+        bottom = [0.0] * len(names)
+        for key, label in LABELS.items():
+            heights = [variants[n]["peak_breakdown"][key] / MIB for n in names]
+            if any(heights):
+                ax.bar(xs, heights, width, bottom=bottom, label=f"peak: {label}")
+                bottom = [b + h for b, h in zip(bottom, heights)]
+        totals = ax.bar(xs, bottom, width, fill=False, linewidth=0)  # invisible: carries the labels
+    else:
+        totals = ax.bar(xs, [(b or 0) / MIB for b in peaks], width, label="peak memory")
+    saved = [variants[n].get("saved_activation_bytes") for n in names]
+    bars = ax.bar([x + width / 2 for x in range(len(names))], [(b or 0) / MIB for b in saved], width,
+                  label="saved for backward (one micro-batch)", color="0.6")
+    for drawn, raw, key in ((totals, peaks, "peak_memory_bytes"), (bars, saved, "saved_activation_bytes")):
         ref = variants.get("stock", {}).get(key)
         labels = ["n/a" if b is None else f"{b / MIB:.1f}" + ("" if n == "stock" or ref is None else
                   f"\n({(b - ref) / MIB:+.1f})") for n, b in zip(names, raw)]
-        ax.bar_label(bars, labels=labels, fontsize=8)
+        ax.bar_label(drawn, labels=labels, fontsize=8)
     ax.set_xticks(list(range(len(names))), names)
-    kind = "CUDA max allocated" if results["device"].startswith("cuda") else "live tensor bytes (CPU)"
+    cuda = results["device"].startswith("cuda")
+    kind = "CUDA max allocated (no breakdown)" if cuda else "live tensor bytes (CPU), by what is live at the peak"
     ax.set(ylabel="MiB", title=f"memory: peak = {kind}; (difference to stock)")
-    ax.margins(y=0.15)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2)  # below the bars
+    ax.margins(y=0.2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
 
 
 def write_plots(results: dict, out: Path) -> list[Path]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...peak import LABELS
+
 MIB = 2**20
 HEADERS = ("variant", "backend", "tokens/s median [IQR]", "vs stock", "peak MiB", "vs stock", "saved MiB",
            "eval loss", "final loss", "max abs loss diff vs stock")
@@ -101,7 +103,11 @@ def _notes(results: dict) -> list[str]:
                 continue
             peak = (stock["peak_memory_bytes"] - v["peak_memory_bytes"]) / MIB
             saved = (stock["saved_activation_bytes"] - v["saved_activation_bytes"]) / MIB
-            lines.append(f"{name}: peak memory {peak:.2f} MiB below stock; saved activations {saved:.2f} MiB below stock")
+            line = f"{name}: peak memory {peak:.2f} MiB below stock; saved activations {saved:.2f} MiB below stock"
+            if v.get("peak_breakdown") and stock.get("peak_breakdown"):
+                mlp = (stock["peak_breakdown"]["activations_mlp"] - v["peak_breakdown"]["activations_mlp"]) / MIB
+                line += f"; MLP activations at the peak {mlp:.2f} MiB below stock's (peak is {v['peak_is']})"
+            lines.append(line)
     lines += [f"{name}: {v['memory_note']}" for name, v in results["variants"].items() if v.get("memory_note")]
     lines += [f"{name}: --save failed: {v['save_error']}" for name, v in results["variants"].items() if v.get("save_error")]
     lines += [f"skipped {name}: {why}" for name, why in results["skipped"].items()]
@@ -116,8 +122,32 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
 
 
+def breakdown_rows(results: dict) -> list[tuple[str, ...]] | None:
+    """The breakdown at each variant's measured peak (MiB): header row first; None when no variant has one."""
+    have = {n: v for n, v in results["variants"].items() if v.get("peak_breakdown")}
+    if not have:
+        return None
+    rows = [("variant", "peak MiB", "peak is", "at", *LABELS.values())]
+    for name, v in have.items():
+        b = v["peak_breakdown"]
+        rows.append((name, _mib(v["peak_memory_bytes"]), v["peak_is"], v["peak_phase"], *(_mib(b[k]) for k in LABELS)))
+    return rows
+
+
+def _breakdown_lines(results: dict) -> list[str]:
+    rows = breakdown_rows(results)
+    if rows is None:
+        notes = {v["peak_breakdown_note"] for v in results["variants"].values() if v.get("peak_breakdown_note")}
+        return [f"breakdown at the peak: {n}" for n in notes]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["", "breakdown at the measured peak (MiB; categories sum to the peak; act = made in a module's forward "
+            "or its recompute, alive at the peak):",
+            *["  ".join(c.ljust(w) if i in (0, 2, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+              for r in rows]]
+
+
 def format_table(results: dict) -> str:
-    return "\n".join(["", *_table(_rows(results)), *_notes(results)])
+    return "\n".join(["", *_table(_rows(results)), *_notes(results), *_breakdown_lines(results)])
 
 
 def markdown(results: dict) -> str:
@@ -132,8 +162,17 @@ def markdown(results: dict) -> str:
     ]
     header = format_header(results).splitlines()
     notes = [f"- {line}" for line in (*header[1:], *ran, *_notes(results))]
+    rows = breakdown_rows(results)
+    if rows is None:
+        breakdown = [f"- breakdown at the peak: {line.split(': ', 1)[1]}" for line in _breakdown_lines(results)]
+    else:
+        breakdown = ["## Breakdown at the measured peak (MiB)", "",
+                     "Categories sum to the peak exactly (`peak_breakdown` in results.json); act = made in a module's "
+                     "forward or its recompute and alive at the peak; transient = backward's and the optimizer's "
+                     "temporaries.", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
+                     *["| " + " | ".join(r) + " |" for r in rows[1:]]]
     return "\n".join(["# swiglu-hf finetune", "", header[0].removeprefix("swiglu-hf finetune: "), "", *notes, "",
-                      *table, ""])
+                      *table, "", *breakdown, ""])
 
 
 def _write_atomic(path: Path, text: str) -> None:

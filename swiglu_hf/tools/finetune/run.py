@@ -178,16 +178,21 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         step_loss = torch.zeros((), device=device)
+        phase = tracker.enter_phase if tracker else lambda _: None  # the tracker's breakdown needs the phases
         with tracker or contextlib.nullcontext():
             for micro in range(cfg.grad_accum):
                 ids = next(micro_batches)
                 with accelerator.accumulate(model):
+                    phase("forward")
                     with track_saved() if last and micro == 0 else contextlib.nullcontext({}) as hooked:
                         loss = model(input_ids=ids, labels=ids).loss
                     if last and micro == 0:
                         saved = sum(hooked.values())
+                    phase("backward")
                     accelerator.backward(loss)  # divides by grad_accum; steps only on the last micro-batch
+                    phase("optimizer")
                     optimizer.step()
+                    phase("optimizer stepped")
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().float() / cfg.grad_accum
         _sync(device)

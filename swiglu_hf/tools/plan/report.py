@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...peak import LABELS
 from .search import GIB
 
-COLUMNS = (("weights", "weights"), ("gradients", "grads"), ("optimizer_state", "optim"),
-           ("activations_mlp", "act MLP"), ("activations_rest", "act rest"), ("logits_loss", "logits+loss"),
-           ("transient", "transient"), ("cublas_workspace", "cuBLAS"))
+COLUMNS = (*LABELS.items(), ("cublas_workspace", "cuBLAS"))
 
 
 def assumptions(result: dict) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ...errors import InvalidInputError
+from ...peak import peak_is
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -187,15 +188,6 @@ def longest_fit(peak, start: int, cap: int, granularity: int, budget: int) -> tu
     return lo, "memory", probes
 
 
-def where(breakdown: dict) -> str:
-    """The largest part of the peak besides the weights, in words."""
-    words = {"gradients": "gradients", "optimizer_state": "optimizer state", "activations_mlp": "MLP activations",
-             "activations_rest": "activations outside the MLP", "logits_loss": "logits and loss",
-             "transient": "backward temporaries"}
-    parts = {k: v for k, v in breakdown.items() if k in words}
-    return words[max(parts, key=parts.get)] if parts else "weights"
-
-
 def run_plan(cfg: PlanConfig, say=lambda text: None) -> dict:
     from .step import build
 
@@ -216,7 +208,7 @@ def run_plan(cfg: PlanConfig, say=lambda text: None) -> dict:
         at = peak_of(model, cfg, cfg.seq_len)
         attention.update(at["attention"])
         row = {"peak_bytes": at["peak_bytes"], "peak_phase": at["peak_phase"], "breakdown": at["breakdown"],
-               "peak_is": where(at["breakdown"]), "fits": at["peak_bytes"] <= cfg.budget_bytes,
+               "peak_is": peak_is(at["breakdown"]), "fits": at["peak_bytes"] <= cfg.budget_bytes,
                "params": at["params"], "trainable_params": at["trainable_params"]}
         if cfg.search:
             cache = {cfg.seq_len: at}
@@ -232,7 +224,7 @@ def run_plan(cfg: PlanConfig, say=lambda text: None) -> dict:
             if best:
                 top = cache[best]
                 row.update(peak_bytes_at_max=top["peak_bytes"], breakdown_at_max=top["breakdown"],
-                           peak_is_at_max=where(top["breakdown"]), peak_phase_at_max=top["peak_phase"])
+                           peak_is_at_max=peak_is(top["breakdown"]), peak_phase_at_max=top["peak_phase"])
         row["seconds"] = round(time.perf_counter() - start, 2)
         out["variants"][variant] = row
         say(f"  {variant}: peak {row['peak_bytes'] / GIB:.2f} GiB at {cfg.seq_len} tokens"
