@@ -43,3 +43,8 @@ class UnsupportedModuleError(SwigluError, ValueError):
 
 class PatchRefusedWarning(UserWarning):
     """apply_swiglu_patch(strict=False) left gated modules unpatched; the message lists each with its reason."""
+
+
+class UnsupportedLossError(SwigluError, ValueError):
+    """swiglu_hf.loss cannot compute this model's causal-LM loss chunk by chunk (logits made with steps it
+    does not know, an auxiliary loss, no decoder or lm_head); the message says what to use instead."""

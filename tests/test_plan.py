@@ -78,6 +78,15 @@ def test_predicts_the_main_jobs_peak_with_lora_and_checkpointing():
     _assert_close(_predicted(lora=True, gradient_checkpointing=True), _main_job(lora=True, gradient_checkpointing=True))
 
 
+def test_predicts_the_main_jobs_peak_with_the_chunked_loss(monkeypatch):
+    # --loss chunked in both, 32 tokens a chunk so that the 128 tokens of a step make 4 chunks
+    import swiglu_hf.loss
+
+    monkeypatch.setattr(swiglu_hf.loss, "CHUNK_TOKENS", 32)
+    setting = dict(lora=True, gradient_checkpointing=True, loss="chunked")
+    _assert_close(_predicted(**setting), _main_job(**setting))
+
+
 def _tiny_param_count(c) -> int:
     h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
     kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])

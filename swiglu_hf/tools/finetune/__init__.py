@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 from ...errors import InvalidInputError
-from .config import BACKENDS, DEFAULT_VARIANTS, MIXED_PRECISION, PRESETS, VARIANTS, FinetuneConfig, parse_variants
+from .config import BACKENDS, DEFAULT_VARIANTS, LOSSES, MIXED_PRECISION, PRESETS, VARIANTS, FinetuneConfig, parse_variants
 
 
 class SaveFailedError(InvalidInputError):
@@ -108,6 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="swiglu_hf backend of patched/tiled: auto = triton on CUDA, torch on CPU")
     arg("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (non-reentrant)")
     arg("--lora", action="store_true", help="train LoRA adapters (r=8 on attention and MLP projections)")
+    arg("--loss", choices=LOSSES, default=d.loss, help="model: the model's own loss (transformers: the logits of every "
+        "token at once); chunked: the decoder, then swiglu_hf.loss a chunk of tokens at a time (one process)")
     arg("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     arg("--save", metavar="DIR", help="write each variant's trained weights (or LoRA adapter) to DIR/<variant>/ "
         "as safetensors")
@@ -124,7 +126,7 @@ def add_parser(sub) -> None:
 
 _FIELDS = ("variants", "model", "preset", "data", "text_field", "eval_fraction", "eval_batches", "steps",
            "warmup_steps", "repeats", "batch_size", "seq_len", "grad_accum", "lr", "seed", "device",
-           "mixed_precision", "backend", "gradient_checkpointing", "lora", "trust_remote_code", "save", "log_every")
+           "mixed_precision", "backend", "gradient_checkpointing", "lora", "loss", "trust_remote_code", "save", "log_every")
 
 
 def _main(args) -> int:

@@ -13,6 +13,7 @@ DEFAULT_VARIANTS = ("stock", "patched", "tiled")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 BACKENDS = ("auto", "triton", "torch")
 PRESETS = ("llama-3.2-1b",)  # shapes in model.PRESET_CONFIGS
+LOSSES = ("model", "chunked")  # the model's own loss (transformers' full logits), or swiglu_hf.loss chunk by chunk
 
 
 def parse_variants(spec: str | tuple | list) -> tuple[str, ...]:
@@ -51,6 +52,7 @@ class FinetuneConfig:
     backend: str = "auto"  # swiglu_hf backend of the patched/tiled variants
     gradient_checkpointing: bool = False
     lora: bool = False
+    loss: str = "model"  # "model": model(input_ids, labels=...).loss; "chunked": decoder + swiglu_hf.loss
     trust_remote_code: bool = False
     save: str | None = None  # directory: <save>/<variant>/ gets the trained weights (or LoRA adapter)
     log_every: int = 5  # off a terminal: a progress line every this many steps
@@ -77,6 +79,8 @@ class FinetuneConfig:
             raise InvalidInputError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.mixed_precision not in (None, *MIXED_PRECISION):
             raise InvalidInputError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.loss not in LOSSES:
+            raise InvalidInputError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.backend not in BACKENDS:
             raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         # The last step measures memory and is not timed; at least one timed step must remain after warm-up.

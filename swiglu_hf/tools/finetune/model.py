@@ -5,6 +5,7 @@ and what turns a private copy into each variant.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -131,6 +132,24 @@ def is_zero3(accelerator) -> bool:
     """Whether the accelerator runs DeepSpeed ZeRO-3 (weights partitioned: variants are rebuilt, not copied)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3
+
+
+def training_loss(model: nn.Module, kind: str, autocast=contextlib.nullcontext):
+    """(loss(ids) -> the causal-LM loss of ids as their own labels, the module that computes it from the
+    decoder's output for swiglu_hf.peak's breakdown: None for the model's own forward). kind "model":
+    model(input_ids=ids, labels=ids).loss; "chunked": swiglu_hf.loss.ChunkedCausalLMLoss, which calls the
+    decoder directly, so it runs under `autocast()` (the accelerator's, which wraps model.forward only)."""
+    if kind == "model":
+        return (lambda ids: model(input_ids=ids, labels=ids).loss), None
+    from swiglu_hf.loss import ChunkedCausalLMLoss
+
+    chunked = ChunkedCausalLMLoss(model)
+
+    def loss(ids):
+        with autocast():
+            return chunked(ids, ids)
+
+    return loss, chunked.head
 
 
 # ---- variants -----------------------------------------------------------------------------

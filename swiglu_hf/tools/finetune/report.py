@@ -75,6 +75,8 @@ def _rows(results: dict) -> list[tuple[str, ...]]:
 def format_header(r: dict) -> str:
     d = r["data"]
     extras = [opt for opt in ("lora", "gradient_checkpointing") if r[opt]]
+    if r.get("loss") == "chunked":
+        extras.append("chunked loss (swiglu_hf.loss)")
     processes = f"{r['num_processes']} process" + ("es" if r["num_processes"] != 1 else "")
     lines = [
         f"swiglu-hf finetune: {r['task']}",

@@ -31,7 +31,7 @@ from .env import provenance, wrapper
 from .memory import PeakMemory, memory_kind, reset_cuda_peak
 from .model import (
     VariantUnavailable, apply_variant, backend_used, build_model, check_model, is_zero3, local_tokenizer, prepare_base,
-    variant_model,
+    training_loss, variant_model,
 )
 
 
@@ -90,15 +90,17 @@ def _deepspeed_fill(accelerator, cfg: FinetuneConfig) -> None:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
-def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float | None:
-    """Mean token loss over the held-out batches (every process runs all of them)."""
+def evaluate(model: nn.Module, batches: list[torch.Tensor], loss_of=None) -> float | None:
+    """Mean token loss over the held-out batches (every process runs all of them); loss_of(ids): the
+    training step's loss (default: the model's own)."""
     if not batches:
         return None
+    loss_of = loss_of or (lambda ids: model(input_ids=ids, labels=ids).loss)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in batches:
-            total += model(input_ids=ids, labels=ids).loss.float().item() * len(ids)
+            total += loss_of(ids).float().item() * len(ids)
             count += len(ids)
     model.train()
     return total / count
@@ -168,13 +170,15 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     wrapped_by = wrapper(model)
+    loss_of, loss_head = training_loss(model, cfg.loss, accelerator.autocast)
     micro_batches = iter(batches)
     losses, times, cpu_times, saved, memory = [], [], [], None, {}
     for step in range(cfg.steps):
         last = step == cfg.steps - 1
         if step == min(cfg.warmup_steps, cfg.steps - 1):
             reset_cuda_peak(device)
-        tracker = PeakMemory(device, model, optimizer) if last and (track_cpu_peak or device.type == "cuda") else None
+        tracker = PeakMemory(device, model, optimizer, loss_head) if last and (track_cpu_peak or device.type == "cuda") \
+            else None
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         step_loss = torch.zeros((), device=device)
@@ -185,7 +189,7 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
                 with accelerator.accumulate(model):
                     phase("forward")
                     with track_saved() if last and micro == 0 else contextlib.nullcontext({}) as hooked:
-                        loss = model(input_ids=ids, labels=ids).loss
+                        loss = loss_of(ids)
                     if last and micro == 0:
                         saved = sum(hooked.values())
                     phase("backward")
@@ -203,7 +207,7 @@ def train_variant(accelerator, model, batches, held_out, cfg: FinetuneConfig, pr
         losses.append(step_loss)
         tag = "memory step, not timed" if last else "warm-up" if step < cfg.warmup_steps else ""
         progress.update(step_loss.item(), times[-1], tag)  # after the clock: the sync is free
-    eval_loss = evaluate(model, held_out)
+    eval_loss = evaluate(model, held_out, loss_of)
     saved_to = save_error = None
     if save_to is not None:
         try:  # a failed save must not lose the measurements: it is recorded, and the command fails at the end
@@ -342,6 +346,10 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
         data.read_documents(cfg.data, cfg.text_field)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
+    if cfg.loss == "chunked" and accelerator.num_processes > 1:
+        raise InvalidInputError(f"--loss chunked calls the decoder and lm_head directly, outside the engine's forward "
+                                f"(DDP/FSDP/DeepSpeed): one process only, this launch has {accelerator.num_processes}; "
+                                f"use --loss model")
     say = (lambda text: None) if quiet or not accelerator.is_main_process else (lambda text: print(text, flush=True))
 
     base, model_name, pretrained = build_model(cfg)
@@ -374,7 +382,7 @@ def run(cfg: FinetuneConfig, on_variant: Callable[[dict], None] | None = None, q
         "warmup_steps": cfg.warmup_steps, "memory_step": cfg.steps - 1,
         "timed_steps": list(cfg.timed_steps), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
         "grad_accum": cfg.grad_accum, "lr": cfg.lr, "seed": cfg.seed, "backend_requested": cfg.backend,
-        "lora": cfg.lora, "gradient_checkpointing": cfg.gradient_checkpointing,
+        "lora": cfg.lora, "gradient_checkpointing": cfg.gradient_checkpointing, "loss": cfg.loss,
         "peak_memory_kind": memory_kind(device), "notices": list(cfg.notices),
         "variants": {}, "skipped": {}, "pending": list(cfg.variants),
     }

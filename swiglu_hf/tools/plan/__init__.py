@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
         "and where the search starts")
     arg("--lora", action="store_true", help="LoRA adapters as the main job adds them (r=8, attention and MLP)")
     arg("--gradient-checkpointing", action="store_true", help="non-reentrant, as the main job enables it")
+    arg("--loss", choices=("model", "chunked"), default="model", help="model: transformers' own loss (the logits "
+        "of every token, a float32 copy and log-softmax at once); chunked: swiglu_hf.loss, a chunk of tokens at a time "
+        "(the main job's --loss)")
     arg("--optimizer", choices=("adamw", "sgd"), default="adamw", help="torch.optim.AdamW (2 state tensors per "
         "trainable weight) or SGD without momentum (none)")
     arg("--memory-gb", type=_positive(float), default=80.0, metavar="GIB", help="device memory in GiB (2^30 bytes)")
@@ -82,7 +85,7 @@ def _main(args) -> int:
     cfg = PlanConfig(model=args.model, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                      lora=args.lora, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
                      memory_gb=args.memory_gb, reserve_gb=args.reserve_gb, variants=tuple(args.variants),
-                     target=args.target, steps=args.steps, granularity=args.granularity,
+                     target=args.target, loss=args.loss, steps=args.steps, granularity=args.granularity,
                      max_seq_len=args.max_seq_len, search=not args.no_search,
                      trust_remote_code=args.trust_remote_code)
     print(f"swiglu-hf plan: {', '.join(cfg.variants)} on the meta device ...", flush=True)

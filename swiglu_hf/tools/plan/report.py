@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...loss import CHUNK_TOKENS
 from ...peak import LABELS
 from .search import GIB
 
@@ -16,7 +17,9 @@ def assumptions(result: dict) -> dict:
     cuda = s["target"] == "cuda"
     return {
         "step": (f"one training step of the transformers model class on the meta device (no storage): forward "
-                 f"`model(input_ids, labels=input_ids).loss`, backward, {s['optimizer']} step, zero_grad(set_to_none); "
+                 + ("`model(input_ids, labels=input_ids).loss`" if s.get("loss", "model") == "model" else
+                    f"the decoder, then the chunked causal-LM loss (swiglu_hf.loss, {CHUNK_TOKENS} tokens a chunk)")
+                 + f", backward, {s['optimizer']} step, zero_grad(set_to_none); "
                  + ("the optimizer state exists before the measured step (steady state)" if s["steps"] > 1
                     else "the first step (the optimizer creates its state during it)")
                  + (f"; LoRA r=8 on q,k,v,o,gate,up,down (the main job's)" if s["lora"] else "")
@@ -46,6 +49,7 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     head = (f"swiglu-hf plan: {result['model']}, {s['dtype']}, batch {s['batch_size']}, seq {s['seq_len']}"
             + (", LoRA" if s["lora"] else "") + (", gradient checkpointing" if s["gradient_checkpointing"] else "")
+            + (", chunked loss" if s.get("loss") == "chunked" else "")
             + f", {s['optimizer']}, {s['memory_gb']:g} GiB ({s['target']})")
     used = [(k, label) for k, label in COLUMNS
             if any(v["breakdown"].get(k) for v in result["variants"].values())]

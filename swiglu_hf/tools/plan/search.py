@@ -91,6 +91,7 @@ class PlanConfig:
     target: str = "cuda"
     steps: int = 2
     granularity: int = 256
+    loss: str = "model"  # "model": transformers' own loss; "chunked": swiglu_hf.loss (the main job's --loss)
     max_seq_len: int | None = None  # search cap; None: the config's max_position_embeddings
     search: bool = True
     trust_remote_code: bool = False
@@ -100,6 +101,8 @@ class PlanConfig:
             raise InvalidInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.optimizer not in OPTIMIZERS:
             raise InvalidInputError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.loss not in ("model", "chunked"):
+            raise InvalidInputError(f"--loss must be model or chunked, got {self.loss!r}")
         if self.target not in ("cuda", "cpu"):
             raise InvalidInputError(f"--target must be cuda or cpu, got {self.target!r}")
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -122,7 +125,7 @@ def _step_spec(cfg: PlanConfig):
 
     return StepSpec(dtype=DTYPES[cfg.dtype], batch_size=cfg.batch_size, lora=cfg.lora,
                     gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer, steps=cfg.steps,
-                    target=cfg.target)
+                    target=cfg.target, loss=cfg.loss)
 
 
 def peak_of(model, cfg: PlanConfig, seq_len: int) -> dict:

@@ -4,7 +4,8 @@ and what is live at that peak.
     model = build(config, StepSpec(...), "patched")       # no storage anywhere: shapes, dtypes, strides
     result = measure(model, StepSpec(...), seq_len=8192)  # {"peak_bytes": ..., "breakdown": {...}, ...}
 
-The step is the main job's (swiglu-hf finetune): `model(input_ids=ids, labels=ids).loss`, backward,
+The step is the main job's (swiglu-hf finetune): its loss (`model(input_ids=ids, labels=ids).loss`, or with
+loss "chunked" the decoder and swiglu_hf.loss, finetune.model.training_loss), backward,
 AdamW step, zero_grad, with the main job's LoRA and gradient-checkpointing settings (its own
 prepare_base and apply_variant). Every op runs its meta kernel, which allocates exactly what the real
 kernel returns, so the main job's tracker (swiglu_hf.peak.PeakBreakdown, which the main job runs on CPU)
@@ -36,6 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ...peak import PeakBreakdown
+from ..finetune.model import training_loss
 
 CUDA_BLOCK = 512  # CUDA caching allocator: every allocation is rounded up to a multiple of 512 bytes
 TARGETS = ("cuda", "cpu")
@@ -50,6 +52,7 @@ class StepSpec:
     optimizer: str = "adamw"  # "adamw" (torch.optim.AdamW) or "sgd" (no state)
     steps: int = 2  # the last one is measured; >= 2: the optimizer state exists before it
     target: str = "cuda"  # "cuda": a GPU runs it; "cpu": a CPU runs it, counted as the main job counts on CPU
+    loss: str = "model"  # the main job's --loss: "model" (transformers' own) or "chunked" (swiglu_hf.loss)
 
 
 # ---- attention as the device runs it ----------------------------------------------------------
@@ -142,10 +145,11 @@ def measure(model: nn.Module, spec: StepSpec, seq_len: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
     model.train()
     gc.collect()
+    loss_of, loss_head = training_loss(model, spec.loss)
     tracker = PeakBreakdown(block, device_only=device_only)
     attention = Attention(spec.target)
-    with _one_sequence_per_row(), tracker.watching(model, optimizer, around=attention):
-        loss = model(input_ids=ids, labels=ids).loss
+    with _one_sequence_per_row(), tracker.watching(model, optimizer, loss_head, around=attention):
+        loss = loss_of(ids)
         tracker.enter_phase("backward")
         loss.backward()
         tracker.enter_phase("optimizer")
