@@ -7,6 +7,9 @@ I intermediate; docs/ARCHITECTURE.md "Memory policy"):
   default   x, gate, up     H + 2I   h = act(gate) * up is recomputed in backward
   tiled     x               H        gate, up and h are recomputed per tile of tokens
 
+Default mode, every projection a plain nn.Linear, eager, autocast off (the per-call plan's common
+case): GatedMLP is the whole unit as one autograd node, saving x, gate and up, its backward forming
+every linear's grads the way the next paragraph describes (one node instead of five: host time).
 Default mode, down_proj a plain nn.Linear (exact type, no hooks): GLUDown computes
 F.linear(h, W, b) saving gate and up only; backward recomputes h in the same pass as dgate/dup and
 forms dW = dy^T h, db = sum(dy), dh = dy W with the mm calls, in the shapes, that stock nn.Linear's
@@ -43,15 +46,21 @@ from .gate_spec import GateSpec
 glu = ops.glu  # act(gate) * up of (gate, up) or of (gate_up,); see ops.py for the eager fast path
 
 
+def plain_linears(mods) -> bool:
+    """Every module an nn.Linear whose forward is exactly F.linear(x, weight, bias), with its weight a
+    registered parameter: safe to bypass (the global hooks are read once for all of them: host time)."""
+    if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+            or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
+        return False
+    for m in mods:
+        if (type(m) is not nn.Linear or "forward" in m.__dict__ or "weight" not in m._parameters
+                or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+            return False
+    return True
+
+
 def plain_linear(m: nn.Module) -> bool:
-    """An nn.Linear whose forward is exactly F.linear(x, weight, bias): safe to bypass."""
-    return (
-        type(m) is nn.Linear
-        and "forward" not in m.__dict__
-        and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-        and not (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
-        and not (_nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks)
-    )
+    return plain_linears((m,))
 
 
 def linear(m: nn.Module, x):
@@ -130,6 +139,50 @@ class GLUDown(torch.autograd.Function):
         dw, dbias = _linear_dparams(dy, h, need_w, need_bias) if (need_w or need_bias) else (None, None)
         dbias = None if dbias is None else _to(dbias, ctx.bias_dtype)
         return (_cast(dw, weight), dbias, None, None, *d_parts)
+
+
+# ---- default mode, every projection a plain nn.Linear: the whole unit as one node ----------
+
+class GatedMLP(torch.autograd.Function):
+    """y = F.linear(gate(parts), W_d, b_d), parts = (F.linear(x, W_1, b_1), F.linear(x, W_2, b_2)) or,
+    packed, (F.linear(x, W_1, b_1),) with W_2 None: the whole unit as one autograd node (eager, autocast
+    off, every projection a plain nn.Linear; the per-call plan in forms/dense.py checks that, so x, the
+    weights and the parts share one dtype and no cast is needed). Saves x and the parts (H + 2I) and
+    the weights (aliases of the parameters: no bytes). Backward recomputes h in the same pass as the
+    part grads and forms every linear's grads with the mm calls stock autograd makes (see above), so
+    gradients match stock bitwise; dx sums the projections' two input grads, as stock's engine does
+    (two terms: the order cannot matter).
+
+    One node instead of three linears, the gate's nodes and saved-tensor hooks: a training call costs
+    about stock's host time (docs/BENCHMARKS.md "Host overhead")."""
+
+    @staticmethod
+    def forward(ctx, x, spec, backend, w1, b1, w2, b2, wd, bd):
+        parts = (F.linear(x, w1, b1),) if w2 is None else (F.linear(x, w1, b1), F.linear(x, w2, b2))
+        ctx.save_for_backward(x, w1, w2, wd, *parts)
+        ctx.spec, ctx.backend = spec, backend
+        return F.linear(ops.forward(parts, spec, backend), wd, bd)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, wd, *parts = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        h, d_parts = ops.grads(dy.matmul(wd), parts, ctx.spec, ctx.backend, with_h=True)
+        dx = None
+        if needs[0]:
+            dx = d_parts[0].matmul(w1)
+            if w2 is not None:
+                dx += d_parts[1].matmul(w2)  # into the buffer the first made (one allocation fewer)
+        grads_1 = _linear_dparams(d_parts[0], x, needs[3], needs[4])
+        grads_2 = (None, None) if w2 is None else _linear_dparams(d_parts[1], x, needs[5], needs[6])
+        return (dx, None, None, *grads_1, *grads_2, *_linear_dparams(dy, h, needs[7], needs[8]))
+
+
+# GatedMLP.apply without Function.apply's Python wrapper (it unwraps functorch's dead wrappers and binds
+# setup_context arguments: neither applies where the per-call plan calls it, after ops.eager_ok() held,
+# and the wrapper is host time on every training call). The wrapper where torch lacks the C entry point.
+_c_apply = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+gated_mlp = _c_apply.__get__(None, GatedMLP) if _c_apply is not None else GatedMLP.apply
 
 
 # ---- default mode, any down_proj: h dropped by a saved-tensor hook ----------------------

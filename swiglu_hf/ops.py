@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import gate_spec
+from .activations import EAGER
 from .errors import BackendUnavailableError
 from .gate_spec import GateSpec
 
@@ -95,7 +96,10 @@ def forward(parts, spec: GateSpec, backend: str) -> Tensor:
     """h = the spec's gate of the parts. PyTorch path: eager's ops (gate.apply); Triton: one kernel,
     gate and up read in place (split: copied to unit column stride if need be)."""
     if backend != "triton":
-        return gate_spec.apply(spec, *(parts if len(parts) == 2 else gate_spec.split_packed(parts[0], spec)))
+        gate, up = parts if len(parts) == 2 else gate_spec.split_packed(parts[0], spec)
+        if spec.plain:  # eager's act_fn(gate) * up, h written into act's buffer (ours, temporary: host time)
+            return EAGER[spec.activation][0](gate).mul_(up)
+        return gate_spec.apply(spec, gate, up)
     from . import kernels
 
     _check_kernel_gate(spec)
@@ -291,13 +295,18 @@ def _(dh, x, activation, backend):
 # GateSpec object (never a key to parse), under a small autograd.Function; otherwise the custom
 # ops run with the spec's key. Both give identical results.
 
-def eager_ok(*tensors: Tensor) -> bool:
+def eager_mode() -> bool:
+    """Not tracing: no torch.compile, no dispatch mode, no functorch transform."""
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
-        and all(type(t) is Tensor for t in tensors)
     )
+
+
+def eager_ok(*tensors: Tensor) -> bool:
+    """eager_mode() and every tensor a plain Tensor: the bodies can run directly."""
+    return eager_mode() and all(type(t) is Tensor for t in tensors)
 
 
 class _EagerGlu(torch.autograd.Function):

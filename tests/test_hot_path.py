@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 from swiglu_hf import apply_swiglu_patch
-from swiglu_hf.loading import build_tiny
+from swiglu_hf.loading import build_tiny, tiny_config
 from swiglu_hf.patch import STATE_ATTR
 from swiglu_hf.tools.bench import overhead as bench_overhead
 
@@ -42,6 +43,58 @@ def test_plan_serves_every_mode_like_stock_and_is_built_once(patch_backend):
     for i, (a, b) in enumerate(zip(g, g_ref)):
         assert_like_stock(a, b, patch_backend, f"grad {i}")
     assert mlp.__dict__[STATE_ATTR].plan is plan  # the same plan served both calls
+
+
+def _tiny_with_bias():
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("tiny-llama")
+    config.mlp_bias = True
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "llama with MLP biases", "tiny-phi3"])  # split, bias, packed
+@pytest.mark.parametrize("trainable", ["all", "down only", "input only"])
+def test_training_call_is_one_node_with_stock_gradients(patch_backend, name, trainable):
+    """Plain nn.Linear projections in grad mode: the whole unit is one autograd node (gated.GatedMLP),
+    and every gradient it is asked for (frozen weights, a frozen input) equals stock's."""
+    stock = _tiny_with_bias() if name == "llama with MLP biases" else build_tiny(name, seed=1)
+    patched = apply_swiglu_patch(copy.deepcopy(stock), backend="auto")
+    mlp, ref = patched.model.layers[0].mlp, stock.model.layers[0].mlp
+    for m in (mlp, ref):
+        for pname, p in m.named_parameters():
+            p.requires_grad_(trainable == "all" or (trainable == "down only" and pname.startswith("down_proj")))
+    x = torch.randn(2, 5, stock.config.hidden_size, requires_grad=trainable != "down only")
+    y, y_ref = mlp(x), ref(x)
+    assert type(y.grad_fn).__name__ == "GatedMLPBackward"
+    wanted = [t for t in (x, *ref.parameters()) if t.requires_grad]
+    got_wanted = [t for t in (x, *mlp.parameters()) if t.requires_grad]
+    dy = torch.randn_like(y_ref)
+    g_ref, g = torch.autograd.grad(y_ref, wanted, dy), torch.autograd.grad(y, got_wanted, dy)
+    assert_like_stock(y, y_ref, patch_backend, "output")
+    assert len(g) == len(g_ref) > 0
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert_like_stock(a, b, patch_backend, f"grad {i}")
+
+
+def test_training_call_under_autocast_or_with_a_hook_keeps_the_module_path():
+    """Autocast casts inside each linear (stock saves the low-precision copies) and a hook must see its
+    module called: neither takes the one-node path, and both stay bitwise stock."""
+    stock, patched = _mlp_pair()
+    mlp, ref = patched.model.layers[0].mlp, stock.model.layers[0].mlp
+    x = torch.randn(2, 3, stock.config.hidden_size, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = mlp(x), ref(x)
+    assert type(y.grad_fn).__name__ != "GatedMLPBackward" and y.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(y.float().sum(), [x, *mlp.parameters()]),
+                                                 torch.autograd.grad(y_ref.float().sum(), [x, *ref.parameters()])))
+    seen = []
+    mlp.up_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    y = mlp(x)
+    assert seen == [(2, 3, stock.config.intermediate_size)]
+    assert type(y.grad_fn).__name__ != "GatedMLPBackward" and torch.equal(y, ref(x))
 
 
 def test_a_child_replaced_after_the_first_call_rebuilds_the_plan():

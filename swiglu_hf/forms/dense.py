@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backend import BACKEND_ENV
 from ..distributed import is_partitioned
-from ..gated import down_of_glu, linear, plain_linear, resolve_gate
+from ..gated import down_of_glu, gated_mlp, linear, plain_linear, plain_linears, resolve_gate
 from ..tiled import TiledMLP, TiledRecompute, TiledZero3, _trainable, auto_tile_tokens, draws_random
 from .base import PROBE_SCALES, Form
 
@@ -198,7 +198,7 @@ class DenseForm(Form):
         plan = state.plan
         if plan is None or plan.children != tuple(module._modules.values()):
             plan = state.plan = _Plan(self, module, state)
-        if not plan.lean or type(x) is not Tensor or not ops.eager_ok():
+        if not plan.lean or type(x) is not Tensor or not ops.eager_mode():
             return None
         return plan.run(module, x)
 
@@ -238,7 +238,7 @@ class _Plan:
     calling the module. `lean` is False for what the general forward handles: tiled mode, optional
     roles (sub-norm, adapters, per-channel scales); then forward() runs."""
 
-    __slots__ = ("children", "lean", "projections", "down", "spec", "backend", "has_out_mul", "_backends")
+    __slots__ = ("children", "lean", "projections", "down", "linears", "spec", "backend", "has_out_mul", "_backends")
 
     def __init__(self, form: DenseForm, module: nn.Module, state):
         p = state.recipe.projections
@@ -247,29 +247,40 @@ class _Plan:
         self.lean = state.tile_tokens is None and not optional
         self.projections = tuple(getattr(module, p[r]) for r in form.input_roles)
         self.down = getattr(module, p["down"])
+        # Every projection an nn.Linear: grad mode runs the whole unit as one autograd node
+        # (gated.GatedMLP) while they are still plain (no hooks added since: checked per call).
+        mods = (*self.projections, self.down)
+        self.linears = mods if all(type(m) is nn.Linear for m in mods) else ()
         self.spec = ops.as_spec(state.activation)
         self.backend = state.backend
         self.has_out_mul = "down_multiplier" in module.__dict__  # Falcon-H1: read per call, as stock does
         self._backends: dict = {}
 
-    def _resolve(self, x: Tensor) -> str:
-        key = (x.device, x.dtype, os.environ.get(BACKEND_ENV))
+    def run(self, module: nn.Module, x: Tensor) -> Tensor:
+        device, spec, down = x.device, self.spec, self.down
+        key = (device, x.dtype, os.environ.get(BACKEND_ENV) if self.backend == "auto" else None)  # env: "auto" only
         backend = self._backends.get(key)
         if backend is None:
-            backend = self._backends[key] = resolve_gate(self.backend, self.spec, x.device, x.dtype)
-        return backend
-
-    def run(self, module: nn.Module, x: Tensor) -> Tensor:
-        backend, spec, down = self._resolve(x), self.spec, self.down
-        parts = tuple([linear(m, x) for m in self.projections])
-        if torch.is_grad_enabled():  # saves gate and up, never act or h (gated.down_of_glu picks the path)
-            y = down_of_glu(down, parts, spec, backend)
-        else:  # nothing saved: the fused op between the linears
-            y = linear(down, ops.forward(parts, spec, backend))
+            backend = self._backends[key] = resolve_gate(self.backend, spec, device, x.dtype)
+        if not torch.is_grad_enabled():  # nothing saved: the fused op between the linears
+            y = linear(down, ops.forward(tuple([linear(m, x) for m in self.projections]), spec, backend))
+        elif self.linears and plain_linears(self.linears) and not torch.is_autocast_enabled(device.type):
+            y = gated_mlp(x, spec, backend, *_weights_and_biases(self.linears))
+        else:  # saves gate and up, never act or h (gated.down_of_glu picks the path)
+            y = down_of_glu(down, tuple([linear(m, x) for m in self.projections]), spec, backend)
         if self.has_out_mul:
             out_mul = _out_multiplier(module)
             return y if out_mul is None else y * out_mul
         return y
+
+
+def _weights_and_biases(linears) -> tuple:
+    """GatedMLP's parameter arguments: (W_1, b_1, W_2, b_2, W_d, b_d), W_2 and b_2 None for a packed unit."""
+    if len(linears) == 3:
+        g, u, d = linears[0]._parameters, linears[1]._parameters, linears[2]._parameters
+        return g["weight"], g["bias"], u["weight"], u["bias"], d["weight"], d["bias"]
+    gu, d = linears[0]._parameters, linears[1]._parameters
+    return gu["weight"], gu["bias"], None, None, d["weight"], d["bias"]
 
 
 # ---- the general forward (split and packed forms, every memory mode) ------------------------
