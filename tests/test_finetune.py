@@ -401,10 +401,10 @@ def test_gguf_save_writes_plain_safetensors_that_load_with_the_trained_weights(c
     ids = torch.tensor([[257, *b"gated units"]])
     trained_logits, evaluate = {}, finetune_run.evaluate
 
-    def evaluate_and_keep_logits(model, batches):  # runs on the trained model, right before the save
+    def evaluate_and_keep_logits(model, batches, loss_of=None):  # runs on the trained model, right before the save
         with torch.no_grad():
             trained_logits[len(trained_logits)] = model(input_ids=ids).logits
-        return evaluate(model, batches)
+        return evaluate(model, batches, loss_of)
 
     monkeypatch.setattr(finetune_run, "evaluate", evaluate_and_keep_logits)
     out, save = tmp_path / "out", tmp_path / "saved"
