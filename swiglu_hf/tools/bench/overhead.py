@@ -1,9 +1,9 @@
 """`swiglu-hf bench overhead`: host (Python / dispatch) time a patched MLP call adds, on CPU.
 
 A tiny Llama-shaped MLP (default H=64, I=172) on CPU with the PyTorch path (backend="torch"), so
-the arithmetic is negligible and what is measured is the per-call cost of the layers the patch
-puts around it: the bound forward, the autograd.Function (GLUDown), the torch.library custom ops
-and their autograd registration. Per token count T (default 1 = decode, and 128):
+the arithmetic is small and what is measured is the per-call cost of the layers the patch puts
+around it: the bound forward, the per-call plan and, in grad mode, the one autograd node of the
+whole unit (gated.GatedMLP) with its recompute of h in backward. Per token count T (default 1 = decode, and 128):
 
     mlp  fwd_nograd   y = mlp(x)                     under torch.no_grad()
     mlp  fwd_grad     y = mlp(x)                     grad mode, x and the weights requiring grad
