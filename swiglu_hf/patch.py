@@ -77,11 +77,17 @@ class PatchReport:
 
 def _fused_forward(self, *args, **kwargs):
     state = self.__dict__[STATE_ATTR]
+    one_input = len(args) == 1 and not kwargs
+    if one_input and state.plan is not None:  # mlp(x) after the first call: the per-call plan (forms/dense.py)
+        y = state.plan.run(self, args[0])
+        if y is not None:
+            return y
     if state.probe_pending is not None:
         _deferred_probe(self, state)
     form = state.recipe.form
-    if len(args) == 1 and not kwargs:  # mlp(x): the form's per-call plan, when it has one
-        y = form.fast_forward(self, state, args[0])
+    if one_input and (state.plan is None or state.plan.stale(self)):  # first call, or children replaced
+        state.plan = form.make_plan(self, state)
+        y = None if state.plan is None else state.plan.run(self, args[0])
         if y is not None:
             return y
     return form.forward(self, state, *args, **kwargs)

@@ -16,7 +16,7 @@ of its projections; the form does the rest:
                                           implementations the probe compares
     forward(module, state, *args, **kwargs)
                                           the fused forward, in state.tile_tokens' memory mode
-    fast_forward(module, state, x)        the same for a call with one input, from what the form
+    make_plan(module, state)              the same for a call with one input, from what the form
                                           resolved once per instance (host time), or None: forward runs
     tiles                                 whether tile_tokens applies (else the default mode runs)
 """
@@ -117,5 +117,7 @@ class Form:
     def forward(self, module: nn.Module, state, *args, **kwargs):
         raise NotImplementedError
 
-    def fast_forward(self, module: nn.Module, state, x):
+    def make_plan(self, module: nn.Module, state):
+        """The per-call plan for a call with one input (an object with run(module, x) -> y or None, and
+        stale(module)), or None: every call runs forward()."""
         return None

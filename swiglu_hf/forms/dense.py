@@ -193,14 +193,8 @@ class DenseForm(Form):
                          state.tile_tokens, post=post if isinstance(post, nn.Module) else None,
                          out_mul=_out_multiplier(module))
 
-    def fast_forward(self, module, state, x):
-        """The per-call path of the common case, or None where forward() must run (see _Plan)."""
-        plan = state.plan
-        if plan is None or plan.children != tuple(module._modules.values()):
-            plan = state.plan = _Plan(self, module, state)
-        if not plan.lean or type(x) is not Tensor or not ops.eager_mode():
-            return None
-        return plan.run(module, x)
+    def make_plan(self, module, state):
+        return _Plan(self, module, state)
 
 
 class SplitForm(DenseForm):
@@ -256,22 +250,39 @@ class _Plan:
         self.has_out_mul = "down_multiplier" in module.__dict__  # Falcon-H1: read per call, as stock does
         self._backends: dict = {}
 
-    def run(self, module: nn.Module, x: Tensor) -> Tensor:
-        device, spec, down = x.device, self.spec, self.down
+    def stale(self, module: nn.Module) -> bool:
+        return tuple(module._modules.values()) != self.children
+
+    def run(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """y, or None where the general forward must run: not lean, the children replaced, a tensor
+        subclass, tracing (torch.compile, a dispatch mode, a functorch transform)."""
+        if (type(x) is not Tensor or not self.lean or tuple(module._modules.values()) != self.children
+                or _is_compiling() or _dispatch_modes() or _functorch_level() is not None):
+            return None
+        device, spec = x.device, self.spec
         key = (device, x.dtype, os.environ.get(BACKEND_ENV) if self.backend == "auto" else None)  # env: "auto" only
         backend = self._backends.get(key)
         if backend is None:
             backend = self._backends[key] = resolve_gate(self.backend, spec, device, x.dtype)
         if not torch.is_grad_enabled():  # nothing saved: the fused op between the linears
-            y = linear(down, ops.forward(tuple([linear(m, x) for m in self.projections]), spec, backend))
-        elif self.linears and plain_linears(self.linears) and not torch.is_autocast_enabled(device.type):
+            y = linear(self.down, ops.forward(tuple([linear(m, x) for m in self.projections]), spec, backend))
+        elif self.linears and plain_linears(self.linears) and not _any_autocast():
             y = gated_mlp(x, spec, backend, *_weights_and_biases(self.linears))
         else:  # saves gate and up, never act or h (gated.down_of_glu picks the path)
-            y = down_of_glu(down, tuple([linear(m, x) for m in self.projections]), spec, backend)
+            y = down_of_glu(self.down, tuple([linear(m, x) for m in self.projections]), spec, backend)
         if self.has_out_mul:
             out_mul = _out_multiplier(module)
             return y if out_mul is None else y * out_mul
         return y
+
+
+# ops.eager_mode()'s checks, bound once (the per-call path runs them on every call: host time)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+# any device's autocast on: stock's linears would save autocast's casts, so the module path runs
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")))
 
 
 def _weights_and_biases(linears) -> tuple:
