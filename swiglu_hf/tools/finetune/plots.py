@@ -92,7 +92,8 @@ def _memory_plot(results: dict, fig) -> None:
     cuda = results["device"].startswith("cuda")
     kind = "CUDA max allocated (no breakdown)" if cuda else "live tensor bytes (CPU), by what is live at the peak"
     ax.set(ylabel="MiB", title=f"memory: peak = {kind}; (difference to stock)")
-    ax.margins(y=0.2)
+    tops = [b / MIB for b in (*peaks, *saved) if b is not None]
+    ax.set_ylim(0, 1.2 * max(tops, default=1.0))  # room for the two-line labels above the tallest bar
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
 
 
