@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import os
 import shlex
 import sys
 
@@ -114,7 +115,14 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+# swiglu-hf never downloads (swiglu_hf.loading reads local files only). Libraries it imports might: on a
+# CPU with AVX512-BF16, importing bitsandbytes (peft does, for LoRA) asks the Hub for a CPU kernel. In
+# offline mode that fails at once, with no network access; a value the user set is kept.
+OFFLINE = ("HF_HUB_OFFLINE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault(*OFFLINE)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

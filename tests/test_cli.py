@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,16 @@ def test_the_installed_command_exits_2_with_one_line():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_commands_run_offline_unless_the_user_says_otherwise(preset, expected):
+    """A library imported under a command must not reach the network (bitsandbytes asks the Hub for a CPU
+    kernel on import on AVX512-BF16 machines): the command sets HF_HUB_OFFLINE=1, keeping a user's value."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if preset is not None:
+        env["HF_HUB_OFFLINE"] = preset
+    code = ("import os, sys; from swiglu_hf import cli; code = cli.main(['frobnicate']); "
+            "print(code, os.environ.get('HF_HUB_OFFLINE'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.split() == ["2", expected], proc.stderr
