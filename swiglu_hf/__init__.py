@@ -13,6 +13,7 @@ import importlib
 
 from .errors import (
     BackendUnavailableError,
+    HigherOrderGradError,
     InvalidDtypeError,
     InvalidInputError,
     NoGatedMLPError,
@@ -22,6 +23,7 @@ from .errors import (
     SwigluError,
     UnknownBackendError,
     UnsupportedActivationError,
+    UnsupportedLossError,
     UnsupportedModuleError,
 )
 
@@ -58,6 +60,8 @@ __all__ = [
     "UnknownBackendError",
     "BackendUnavailableError",
     "NoGatedMLPError",
+    "HigherOrderGradError",
+    "UnsupportedLossError",
     "NotPicklableError",
     "SelfCheckError",
     "UnsupportedModuleError",

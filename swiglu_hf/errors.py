@@ -41,6 +41,11 @@ class UnsupportedModuleError(SwigluError, ValueError):
     """A module has a gated-MLP structure but a layout or extra math the fused forward does not implement."""
 
 
+class HigherOrderGradError(SwigluError, RuntimeError):
+    """A backward with create_graph=True ran through a fused MLP node, whose backward is written out (not
+    itself differentiable)."""
+
+
 class PatchRefusedWarning(UserWarning):
     """apply_swiglu_patch(strict=False) left gated modules unpatched; the message lists each with its reason."""
 

@@ -41,6 +41,7 @@ from torch.nn.modules import module as _nn_module
 from . import gate_spec, ops
 from .activations import EAGER
 from .backend import resolve
+from .errors import HigherOrderGradError
 from .gate_spec import GateSpec
 
 glu = ops.glu  # act(gate) * up of (gate, up) or of (gate_up,); see ops.py for the eager fast path
@@ -107,6 +108,16 @@ def _linear_bwd(dy, inp, weight, need_input: bool, need_weight: bool, need_bias:
     return (d_inp, *_linear_dparams(dy, inp, need_weight, need_bias))
 
 
+def _first_order_only() -> None:
+    """A node's backward runs in grad mode only under create_graph=True: its written-out ops would give a
+    second derivative that is wrong or an error deep inside; say so instead."""
+    if torch.is_grad_enabled():
+        raise HigherOrderGradError(
+            "a backward with create_graph=True (a second derivative) reached a patched MLP, whose backward "
+            "is written out and not differentiable; run that computation on the stock model "
+            "(revert_swiglu_patch(model), or `with swiglu_hf.patch.suspended(model):`)")
+
+
 def _cast(grad, like):
     return None if grad is None or like is None else _to(grad, like.dtype)
 
@@ -128,6 +139,7 @@ class GLUDown(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _first_order_only()
         weight, *parts = ctx.saved_tensors
         need_w, need_bias = ctx.needs_input_grad[:2]
         need_parts = any(ctx.needs_input_grad[4:])
@@ -165,6 +177,7 @@ class GatedMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _first_order_only()
         x, w1, w2, wd, *parts = ctx.saved_tensors
         needs = ctx.needs_input_grad
         h, d_parts = ops.grads(dy.matmul(wd), parts, ctx.spec, ctx.backend, with_h=True)

@@ -145,3 +145,21 @@ def test_decode_bench_generates_stock_tokens_and_reports_rates():
     assert d["new_tokens"] == 4 and d["layers"] == 2
     assert d["stock_tokens_per_s"] > 0 and d["patched_tokens_per_s"] > 0
     assert d["patched_cpu_us_per_token"] > 0
+
+
+def test_a_second_derivative_through_the_node_is_refused_clearly(patch_backend):
+    """create_graph=True through the written-out backward would give a wrong second derivative or an error
+    deep inside: HigherOrderGradError says what to do; the stock model (patch suspended) computes it."""
+    from swiglu_hf import HigherOrderGradError
+    from swiglu_hf.patch import suspended
+
+    stock, patched = _mlp_pair(backend="auto")
+    x = torch.randn(2, 3, stock.config.hidden_size, requires_grad=True)
+    mlp = patched.model.layers[0].mlp
+    with pytest.raises(HigherOrderGradError, match="create_graph=True"):
+        torch.autograd.grad(mlp(x).square().sum(), x, create_graph=True)
+    with suspended(patched):
+        (g,) = torch.autograd.grad(mlp(x).square().sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), x)
+    (g_ref,) = torch.autograd.grad(stock.model.layers[0].mlp(x).square().sum(), x, create_graph=True)
+    assert torch.equal(gg, torch.autograd.grad(g_ref.sum(), x)[0])
