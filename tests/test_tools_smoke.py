@@ -381,6 +381,8 @@ README_COMMANDS = {  # what the README names -> a tiny run of it on CPU and its 
                  "--rows", "1", "--jobs", "1"], 0),
     "plan": (["plan", "--seq-len", "64", "--no-search", "--target", "cpu"], 0),
     "bench memory": (["bench", "memory", "--hidden", "16", "--intermediate", "40", "--tokens", "4"], 0),
+    "bench overhead": (["bench", "overhead", "--tokens", "1", "--batches", "1", "--batch-ms", "1",
+                        "--decode-tokens", "2"], 0),
     "bench kernel": (["bench", "kernel"], 2),  # GPU only: one line, status 2
     "bench mlp": (["bench", "mlp"], 2),
 }
