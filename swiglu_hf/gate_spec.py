@@ -166,6 +166,8 @@ def backward(spec: GateSpec, dh, gate, up, with_h: bool = False):
         act = forward(gate)
         d_act = dh * up
         d_gate = backward_of(d_act, gate, act)
+        if torch.is_grad_enabled():  # a differentiable backward (create_graph): no out= or in-place writes
+            return (act * up, d_gate, dh * act) if with_h else (d_gate, dh * act)
         # The same ops on the same operands, written into buffers this function made and no longer
         # needs (one allocation each fewer: host time on a small call)
         d_up = torch.mul(dh, act, out=d_act)

@@ -158,37 +158,62 @@ class GLUDown(torch.autograd.Function):
 class GatedMLP(torch.autograd.Function):
     """y = F.linear(gate(parts), W_d, b_d), parts = (F.linear(x, W_1, b_1), F.linear(x, W_2, b_2)) or,
     packed, (F.linear(x, W_1, b_1),) with W_2 None: the whole unit as one autograd node (eager, autocast
-    off, every projection a plain nn.Linear; the per-call plan in forms/dense.py checks that, so x, the
-    weights and the parts share one dtype and no cast is needed). Saves x and the parts (H + 2I) and
-    the weights (aliases of the parameters: no bytes). Backward recomputes h in the same pass as the
-    part grads and forms every linear's grads with the mm calls stock autograd makes (see above), so
-    gradients match stock bitwise; dx sums the projections' two input grads, as stock's engine does
-    (two terms: the order cannot matter).
+    off, plain nn.Linear projections with plain parameters, x contiguous; the per-call plan in
+    forms/dense.py checks that, so x, the weights and the parts share one dtype and no cast is needed).
+
+    Saves the parts (2I), x (H) when a projection weight needs its grad (as stock's linears do), and the
+    parameters (aliases: no bytes). Backward recomputes h in the same pass as the part grads and forms
+    every linear's grads with the mm calls stock autograd makes for a contiguous input (see above).
+    x comes in twice, up's first: the engine then adds the two input grads into x's in the order stock's
+    nodes deliver them (up_proj's node runs first), which matters when x feeds a third consumer (the
+    residual of post-norm models: OLMo2, EXAONE-4): (r + dx_up) + dx_gate, bitwise stock. Under
+    create_graph=True it differentiates a recompute with eager's ops instead (a second derivative).
 
     One node instead of three linears, the gate's nodes and saved-tensor hooks: a training call costs
     about stock's host time (docs/BENCHMARKS.md "Host overhead")."""
 
     @staticmethod
-    def forward(ctx, x, spec, backend, w1, b1, w2, b2, wd, bd):
+    def forward(ctx, x_up, x, spec, backend, w1, b1, w2, b2, wd, bd):  # x_up: x again, or None (packed)
         parts = (F.linear(x, w1, b1),) if w2 is None else (F.linear(x, w1, b1), F.linear(x, w2, b2))
-        ctx.save_for_backward(x, w1, w2, wd, *parts)
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(x if needs[4] or needs[6] else None, w1, b1, w2, b2, wd, bd, *parts)
         ctx.spec, ctx.backend = spec, backend
         return F.linear(ops.forward(parts, spec, backend), wd, bd)
 
     @staticmethod
     def backward(ctx, dy):
-        _first_order_only()
-        x, w1, w2, wd, *parts = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _gated_mlp_second_order(ctx, dy)
+        x, w1, _, w2, _, wd, _, *parts = ctx.saved_tensors
         needs = ctx.needs_input_grad
         h, d_parts = ops.grads(dy.matmul(wd), parts, ctx.spec, ctx.backend, with_h=True)
-        dx = None
-        if needs[0]:
-            dx = d_parts[0].matmul(w1)
-            if w2 is not None:
-                dx += d_parts[1].matmul(w2)  # into the buffer the first made (one allocation fewer)
-        grads_1 = _linear_dparams(d_parts[0], x, needs[3], needs[4])
-        grads_2 = (None, None) if w2 is None else _linear_dparams(d_parts[1], x, needs[5], needs[6])
-        return (dx, None, None, *grads_1, *grads_2, *_linear_dparams(dy, h, needs[7], needs[8]))
+        dx_up = d_parts[1].matmul(w2) if needs[0] else None
+        dx = d_parts[0].matmul(w1) if needs[1] else None
+        grads_1 = _linear_dparams(d_parts[0], x, needs[4], needs[5])
+        grads_2 = (None, None) if w2 is None else _linear_dparams(d_parts[1], x, needs[6], needs[7])
+        return (dx_up, dx, None, None, *grads_1, *grads_2, *_linear_dparams(dy, h, needs[8], needs[9]))
+
+
+def _gated_mlp_second_order(ctx, dy):
+    """GatedMLP's grads as a differentiable function of its inputs (create_graph=True): the unit recomputed
+    from x and the parameters with eager's ops, then differentiated with create_graph."""
+    x, w1, b1, w2, b2, wd, bd, *_ = ctx.saved_tensors
+    if x is None:
+        raise HigherOrderGradError(
+            "a backward with create_graph=True reached a patched MLP whose projection weights do not require "
+            "grad, so its input was not kept; run that computation on the stock model "
+            "(revert_swiglu_patch(model), or `with swiglu_hf.patch.suspended(model):`)")
+    x_up, x_gate = (x.view_as(x) if w2 is not None else None), x.view_as(x)  # one grad per input slot
+    first = F.linear(x_gate, w1, b1)
+    halves = gate_spec.split_packed(first, ctx.spec) if w2 is None else (first, F.linear(x_up, w2, b2))
+    y = F.linear(gate_spec.apply(ops.as_spec(ctx.spec), *halves), wd, bd)
+    inputs = (x_up, x_gate, None, None, w1, b1, w2, b2, wd, bd)
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad)) if need and t is not None]
+    found = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+    grads = [None] * len(inputs)
+    for i, g in zip(wanted, found):
+        grads[i] = g
+    return tuple(grads)
 
 
 # GatedMLP.apply without Function.apply's Python wrapper (it unwraps functorch's dead wrappers and binds

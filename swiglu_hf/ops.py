@@ -97,8 +97,10 @@ def forward(parts, spec: GateSpec, backend: str) -> Tensor:
     gate and up read in place (split: copied to unit column stride if need be)."""
     if backend != "triton":
         gate, up = parts if len(parts) == 2 else gate_spec.split_packed(parts[0], spec)
-        if spec.plain:  # eager's act_fn(gate) * up, h written into act's buffer (ours, temporary: host time)
-            return EAGER[spec.activation][0](gate).mul_(up)
+        if spec.plain:  # eager's act_fn(gate) * up; h written into act's buffer (ours, temporary: host time)
+            act = EAGER[spec.activation][0](gate)
+            same = act.dtype == up.dtype and act.shape == up.shape  # else promotion or broadcasting: a new tensor
+            return act.mul_(up) if same else act * up
         return gate_spec.apply(spec, gate, up)
     from . import kernels
 

@@ -78,7 +78,7 @@ class PatchReport:
 def _fused_forward(self, *args, **kwargs):
     state = self.__dict__[STATE_ATTR]
     one_input = len(args) == 1 and not kwargs
-    if one_input and state.plan is not None:  # mlp(x) after the first call: the per-call plan (forms/dense.py)
+    if one_input and state.plan is not None and state.probe_pending is None:  # the per-call plan (forms/dense.py)
         y = state.plan.run(self, args[0])
         if y is not None:
             return y

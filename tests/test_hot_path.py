@@ -11,10 +11,11 @@ from torch import nn
 
 from swiglu_hf import apply_swiglu_patch
 from swiglu_hf.loading import build_tiny, tiny_config
+from swiglu_hf.numerics import rel_err
 from swiglu_hf.patch import STATE_ATTR
 from swiglu_hf.tools.bench import overhead as bench_overhead
 
-from .conftest import assert_like_stock
+from .conftest import FP32_NOISE, assert_like_stock
 
 
 def _mlp_pair(seed=0, backend="torch"):
@@ -147,19 +148,109 @@ def test_decode_bench_generates_stock_tokens_and_reports_rates():
     assert d["patched_cpu_us_per_token"] > 0
 
 
-def test_a_second_derivative_through_the_node_is_refused_clearly(patch_backend):
-    """create_graph=True through the written-out backward would give a wrong second derivative or an error
-    deep inside: HigherOrderGradError says what to do; the stock model (patch suspended) computes it."""
+def test_a_second_derivative_through_the_node_equals_stocks(patch_backend):
+    """create_graph=True differentiates a recompute of the unit with eager's ops: double backward (a
+    gradient penalty, hvp) works as on stock; with the projection weights frozen x was not kept, and
+    HigherOrderGradError says what to do."""
     from swiglu_hf import HigherOrderGradError
-    from swiglu_hf.patch import suspended
 
     stock, patched = _mlp_pair(backend="auto")
+    mlp, ref = patched.model.layers[0].mlp, stock.model.layers[0].mlp
     x = torch.randn(2, 3, stock.config.hidden_size, requires_grad=True)
-    mlp = patched.model.layers[0].mlp
+    second = []
+    for m in (mlp, ref):
+        g = torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()], create_graph=True)
+        second.append(torch.autograd.grad(sum(t.square().sum() for t in g), [x, *m.parameters()]))
+    for i, (a, b) in enumerate(zip(*second)):  # not bitwise: the double backward sums in another order
+        assert rel_err(a, b) <= FP32_NOISE, f"second derivative {i}: {rel_err(a, b):.3g}"
+    for p in mlp.parameters():
+        p.requires_grad_(False)
     with pytest.raises(HigherOrderGradError, match="create_graph=True"):
         torch.autograd.grad(mlp(x).square().sum(), x, create_graph=True)
-    with suspended(patched):
-        (g,) = torch.autograd.grad(mlp(x).square().sum(), x, create_graph=True)
-        (gg,) = torch.autograd.grad(g.sum(), x)
-    (g_ref,) = torch.autograd.grad(stock.model.layers[0].mlp(x).square().sum(), x, create_graph=True)
-    assert torch.equal(gg, torch.autograd.grad(g_ref.sum(), x)[0])
+
+
+def test_input_grad_adds_in_stocks_order_when_x_also_feeds_a_residual():
+    """Post-norm models (OLMo2, EXAONE-4) add the MLP input to its output: x's grad is the sum of three
+    terms, and stock adds them as (residual + up's) + gate's. The node hands the engine up's and gate's
+    grads separately, so the sum is stock's, bitwise (fp32 and bf16)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        stock, patched = _mlp_pair()
+        mlp, ref = patched.model.layers[0].mlp.to(dtype), stock.model.layers[0].mlp.to(dtype)
+        torch.manual_seed(0)
+        pre = nn.Linear(stock.config.hidden_size, stock.config.hidden_size).to(dtype)
+        x = torch.randn(4, 7, stock.config.hidden_size, dtype=dtype, requires_grad=True)
+        grads = []
+        for m in (mlp, ref):
+            h = pre(x)
+            out = h + m(h)
+            grads.append(torch.autograd.grad(out.square().sum(), [x, *pre.parameters(), *m.parameters()]))
+        assert type(mlp(pre(x)).grad_fn).__name__ == "GatedMLPBackward"
+        assert all(torch.equal(a, b) for a, b in zip(*grads)), dtype
+
+
+def test_a_probe_deferred_past_a_meta_call_still_runs_before_real_weights():
+    """A model patched on the meta device and called there once (shape inference) has a plan but no
+    probe yet: the first call with real weights runs the probe, which refuses a forward that is not the
+    plain gated unit."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from swiglu_hf import SelfCheckError
+
+    class DoubledMLP(LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 2
+
+    with torch.device("meta"):
+        model = nn.Sequential(DoubledMLP(LlamaConfig(hidden_size=64, intermediate_size=96)))
+    apply_swiglu_patch(model, backend="torch", strict=False)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, device="meta"))
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.1)
+    with pytest.raises(SelfCheckError):
+        model(torch.randn(2, 3, 64))
+
+
+def test_what_the_node_cannot_serve_takes_the_module_path_like_stock():
+    """Forward-mode AD (no jvp), a non-contiguous x (stock forms its input grad in another layout) and
+    weights of a tensor subclass (they implement F.linear, not the node's matmuls): each runs the module
+    path and matches stock; frozen projection weights keep x out of the node, as stock's linears do."""
+    import torch.autograd.forward_ad as fwAD
+
+    stock, patched = _mlp_pair()
+    mlp, ref = patched.model.layers[0].mlp, stock.model.layers[0].mlp
+    hidden = stock.config.hidden_size
+    x, t = torch.randn(2, 3, hidden), torch.randn(2, 3, hidden)
+    tangents = []
+    for m in (mlp, ref):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent)
+    assert torch.equal(*tangents)
+
+    for dtype in (torch.float16, torch.bfloat16):
+        xt = torch.randn(1, hidden, 5, dtype=dtype).transpose(1, 2).requires_grad_()  # column-major rows
+        m16, r16 = copy.deepcopy(mlp).to(dtype), copy.deepcopy(ref).to(dtype)
+        y, y_ref = m16(xt), r16(xt)
+        assert type(y.grad_fn).__name__ != "GatedMLPBackward"
+        dy = torch.randn_like(y_ref)
+        assert torch.equal(torch.autograd.grad(y, xt, dy)[0], torch.autograd.grad(y_ref, xt, dy)[0])
+
+    class Marked(torch.Tensor):  # a subclass that only passes through
+        pass
+
+    m_sub = copy.deepcopy(mlp)
+    m_sub.gate_proj.weight = nn.Parameter(m_sub.gate_proj.weight.detach().as_subclass(Marked))
+    xg = torch.randn(2, 3, hidden, requires_grad=True)
+    y = m_sub(xg)
+    assert type(y.grad_fn).__name__ != "GatedMLPBackward" and torch.equal(y, ref(xg))
+
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    xf = torch.randn(2, 3, hidden, requires_grad=True)
+    y = mlp(xf)
+    with torch.no_grad():
+        xf.mul_(2)  # stock's linears keep no x when their weights are frozen; neither does the node
+    (g,) = torch.autograd.grad(y.sum(), xf)
+    assert type(y.grad_fn).__name__ == "GatedMLPBackward" and g.shape == xf.shape

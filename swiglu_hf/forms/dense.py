@@ -28,6 +28,7 @@ import os
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from .. import ops
 from ..backend import BACKEND_ENV
@@ -266,10 +267,12 @@ class _Plan:
             backend = self._backends[key] = resolve_gate(self.backend, spec, device, x.dtype)
         if not torch.is_grad_enabled():  # nothing saved: the fused op between the linears
             y = linear(self.down, ops.forward(tuple([linear(m, x) for m in self.projections]), spec, backend))
-        elif self.linears and plain_linears(self.linears) and not _any_autocast():
-            y = gated_mlp(x, spec, backend, *_weights_and_biases(self.linears))
-        else:  # saves gate and up, never act or h (gated.down_of_glu picks the path)
-            y = down_of_glu(self.down, tuple([linear(m, x) for m in self.projections]), spec, backend)
+        else:
+            params = self.linears and plain_linears(self.linears) and _weights_and_biases(self.linears)
+            if params and x.is_contiguous() and not _any_autocast() and forward_ad._current_level < 0:
+                y = gated_mlp(None if params[2] is None else x, x, spec, backend, *params)
+            else:  # saves gate and up, never act or h (gated.down_of_glu picks the path)
+                y = down_of_glu(self.down, tuple([linear(m, x) for m in self.projections]), spec, backend)
         if self.has_out_mul:
             out_mul = _out_multiplier(module)
             return y if out_mul is None else y * out_mul
@@ -280,18 +283,27 @@ class _Plan:
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
-# any device's autocast on: stock's linears would save autocast's casts, so the module path runs
+# any device's autocast on: stock's linears would save autocast's casts, so the module path runs (as it
+# does for a non-contiguous x, whose input grad stock forms in another layout, and under forward-mode AD,
+# which the node has no jvp for)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")))
 
 
-def _weights_and_biases(linears) -> tuple:
-    """GatedMLP's parameter arguments: (W_1, b_1, W_2, b_2, W_d, b_d), W_2 and b_2 None for a packed unit."""
+def _weights_and_biases(linears) -> tuple | None:
+    """GatedMLP's parameter arguments: (W_1, b_1, W_2, b_2, W_d, b_d), W_2 and b_2 None for a packed unit;
+    None when one is a tensor subclass (a quantized or distributed weight implements F.linear, not the
+    matmuls the node's backward calls, and its own autograd must run)."""
     if len(linears) == 3:
         g, u, d = linears[0]._parameters, linears[1]._parameters, linears[2]._parameters
-        return g["weight"], g["bias"], u["weight"], u["bias"], d["weight"], d["bias"]
-    gu, d = linears[0]._parameters, linears[1]._parameters
-    return gu["weight"], gu["bias"], None, None, d["weight"], d["bias"]
+        params = g["weight"], g["bias"], u["weight"], u["bias"], d["weight"], d["bias"]
+    else:
+        gu, d = linears[0]._parameters, linears[1]._parameters
+        params = gu["weight"], gu["bias"], None, None, d["weight"], d["bias"]
+    for t in params:
+        if t is not None and type(t) is not nn.Parameter and type(t) is not Tensor:
+            return None
+    return params
 
 
 # ---- the general forward (split and packed forms, every memory mode) ------------------------
