@@ -157,9 +157,9 @@ class GLUDown(torch.autograd.Function):
 
 class GatedMLP(torch.autograd.Function):
     """y = F.linear(gate(parts), W_d, b_d), parts = (F.linear(x, W_1, b_1), F.linear(x, W_2, b_2)) or,
-    packed, (F.linear(x, W_1, b_1),) with W_2 None: the whole unit as one autograd node (eager, autocast
-    off, plain nn.Linear projections with plain parameters, x contiguous; the per-call plan in
-    forms/dense.py checks that, so x, the weights and the parts share one dtype and no cast is needed).
+    packed, (F.linear(x, W_1, b_1),) with W_2 None: the whole unit as one autograd node (eager, plain
+    nn.Linear projections with plain parameters, x contiguous: the per-call plan in forms/dense.py checks
+    that).
 
     Saves the parts (2I), x (H) when a projection weight needs its grad (as stock's linears do), and the
     parameters (aliases: no bytes). Backward recomputes h in the same pass as the part grads and forms
@@ -169,14 +169,29 @@ class GatedMLP(torch.autograd.Function):
     residual of post-norm models: OLMo2, EXAONE-4): (r + dx_up) + dx_gate, bitwise stock. Under
     create_graph=True it differentiates a recompute with eager's ops instead (a second derivative).
 
+    Under autocast it casts x and the parameters as autocast's linears do (floating, not float64, to
+    autocast's dtype) and keeps the casts, as stock's linears keep theirs: one cast of x where stock
+    keeps two (one per projection). Grads come back in each input's own dtype, as through stock's
+    casts' backward.
+
     One node instead of three linears, the gate's nodes and saved-tensor hooks: a training call costs
     about stock's host time (docs/BENCHMARKS.md "Host overhead")."""
 
     @staticmethod
     def forward(ctx, x_up, x, spec, backend, w1, b1, w2, b2, wd, bd):  # x_up: x again, or None (packed)
+        params = (w1, b1, w2, b2, wd, bd)
+        ctx.dtypes = None
+        if _any_autocast() and torch.is_autocast_enabled(x.device.type):
+            low = torch.get_autocast_dtype(x.device.type)
+            ctx.dtypes = (x.dtype, *(None if t is None else t.dtype for t in params))
+            # autocast caches the cast of a leaf that requires grad: both projections then share one cast
+            # of x, and their input grads meet in its dtype before the cast's backward
+            ctx.one_x_cast = x.is_leaf and x.requires_grad and torch.is_autocast_cache_enabled()
+            x, params = _autocast_cast(x, low), tuple(_autocast_cast(t, low) for t in params)
+            w1, b1, w2, b2, wd, bd = params
         parts = (F.linear(x, w1, b1),) if w2 is None else (F.linear(x, w1, b1), F.linear(x, w2, b2))
         needs = ctx.needs_input_grad
-        ctx.save_for_backward(x if needs[4] or needs[6] else None, w1, b1, w2, b2, wd, bd, *parts)
+        ctx.save_for_backward(x if needs[4] or needs[6] else None, *params, *parts)
         ctx.spec, ctx.backend = spec, backend
         return F.linear(ops.forward(parts, spec, backend), wd, bd)
 
@@ -191,13 +206,36 @@ class GatedMLP(torch.autograd.Function):
         dx = d_parts[0].matmul(w1) if needs[1] else None
         grads_1 = _linear_dparams(d_parts[0], x, needs[4], needs[5])
         grads_2 = (None, None) if w2 is None else _linear_dparams(d_parts[1], x, needs[6], needs[7])
-        return (dx_up, dx, None, None, *grads_1, *grads_2, *_linear_dparams(dy, h, needs[8], needs[9]))
+        grads = (*grads_1, *grads_2, *_linear_dparams(dy, h, needs[8], needs[9]))
+        if ctx.dtypes is not None:  # back through the casts, as stock's grads come back through autocast's
+            if ctx.one_x_cast and dx_up is not None and dx is not None:
+                dx_up, dx = None, dx_up + dx
+            dx_up, dx = (None if d is None else _to(d, ctx.dtypes[0]) for d in (dx_up, dx))
+            grads = tuple(None if g is None else _to(g, dt) for g, dt in zip(grads, ctx.dtypes[1:]))
+        return (dx_up, dx, None, None, *grads)
+
+
+def _autocast_cast(t, low):
+    """t as autocast casts a linear's argument: floating and not float64, to `low`; else unchanged."""
+    if t is None or not t.is_floating_point() or t.dtype in (low, torch.float64):
+        return t
+    return t.to(low)
+
+
+# any device's autocast on: then the node asks for its device's (a cheap check first: every call)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")))
 
 
 def _gated_mlp_second_order(ctx, dy):
     """GatedMLP's grads as a differentiable function of its inputs (create_graph=True): the unit recomputed
     from x and the parameters with eager's ops, then differentiated with create_graph."""
     x, w1, b1, w2, b2, wd, bd, *_ = ctx.saved_tensors
+    if ctx.dtypes is not None:
+        raise HigherOrderGradError(
+            "a backward with create_graph=True reached a patched MLP that ran under autocast (it kept the "
+            "casts, not the inputs); run that computation on the stock model (revert_swiglu_patch(model), or "
+            "`with swiglu_hf.patch.suspended(model):`)")
     if x is None:
         raise HigherOrderGradError(
             "a backward with create_graph=True reached a patched MLP whose projection weights do not require "

@@ -79,23 +79,34 @@ def test_training_call_is_one_node_with_stock_gradients(patch_backend, name, tra
         assert_like_stock(a, b, patch_backend, f"grad {i}")
 
 
-def test_training_call_under_autocast_or_with_a_hook_keeps_the_module_path():
-    """Autocast casts inside each linear (stock saves the low-precision copies) and a hook must see its
-    module called: neither takes the one-node path, and both stay bitwise stock."""
+@pytest.mark.parametrize("leaf", [True, False])
+def test_training_call_under_autocast_is_one_node_like_stock_and_a_hook_keeps_the_module_path(leaf):
+    """Autocast: the node casts x and the weights as autocast's linears do and keeps the casts. Bitwise
+    output and fp32 grads, for a leaf x (autocast caches its one cast: the projections' grads meet in
+    bf16) and a computed one (two casts, their grads meet in fp32). Saved bytes: stock's minus act and h,
+    and minus stock's second cast of a computed x. A hook must see its module called: the module path."""
+    from swiglu_hf.memory import saved_activation_bytes
+
     stock, patched = _mlp_pair()
     mlp, ref = patched.model.layers[0].mlp, stock.model.layers[0].mlp
-    x = torch.randn(2, 3, stock.config.hidden_size, requires_grad=True)
+    hidden, inter = stock.config.hidden_size, stock.config.intermediate_size
+    x0 = torch.randn(2, 3, hidden, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = x0 if leaf else x0 * 1.0
         y, y_ref = mlp(x), ref(x)
-    assert type(y.grad_fn).__name__ != "GatedMLPBackward" and y.dtype == torch.bfloat16
+        saved = [saved_activation_bytes(lambda m=m: m(x)) for m in (mlp, ref)]
+    assert type(y.grad_fn).__name__ == "GatedMLPBackward" and y.dtype == torch.bfloat16
     assert torch.equal(y, y_ref)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(y.float().sum(), [x, *mlp.parameters()]),
-                                                 torch.autograd.grad(y_ref.float().sum(), [x, *ref.parameters()])))
+    grads = [torch.autograd.grad(out.float().sum(), [x0, *m.parameters()], retain_graph=True)
+             for out, m in ((y, mlp), (y_ref, ref))]
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(*grads))
+    tokens = 2 * 3
+    assert saved[1] - saved[0] == 2 * tokens * inter * 2 + (0 if leaf else tokens * hidden * 2)
     seen = []
     mlp.up_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
-    y = mlp(x)
-    assert seen == [(2, 3, stock.config.intermediate_size)]
-    assert type(y.grad_fn).__name__ != "GatedMLPBackward" and torch.equal(y, ref(x))
+    y = mlp(x0)
+    assert seen == [(2, 3, inter)]
+    assert type(y.grad_fn).__name__ != "GatedMLPBackward" and torch.equal(y, ref(x0))
 
 
 def test_a_child_replaced_after_the_first_call_rebuilds_the_plan():

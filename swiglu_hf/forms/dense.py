@@ -269,7 +269,7 @@ class _Plan:
             y = linear(self.down, ops.forward(tuple([linear(m, x) for m in self.projections]), spec, backend))
         else:
             params = self.linears and plain_linears(self.linears) and _weights_and_biases(self.linears)
-            if params and x.is_contiguous() and not _any_autocast() and forward_ad._current_level < 0:
+            if params and x.is_contiguous() and forward_ad._current_level < 0:
                 y = gated_mlp(None if params[2] is None else x, x, spec, backend, *params)
             else:  # saves gate and up, never act or h (gated.down_of_glu picks the path)
                 y = down_of_glu(self.down, tuple([linear(m, x) for m in self.projections]), spec, backend)
@@ -283,11 +283,8 @@ class _Plan:
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
-# any device's autocast on: stock's linears would save autocast's casts, so the module path runs (as it
-# does for a non-contiguous x, whose input grad stock forms in another layout, and under forward-mode AD,
-# which the node has no jvp for)
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
-    lambda: any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda")))
+# A non-contiguous x (stock forms its input grad in another layout) and forward-mode AD (the node has no
+# jvp) take the module path.
 
 
 def _weights_and_biases(linears) -> tuple | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import gc
 import json
 import os
@@ -47,6 +48,7 @@ MODES = ("fwd_nograd", "fwd_grad", "fwd_bwd")
 TOKENS = (1, 128)
 OP_TOKENS = (1,)
 HIDDEN, INTERMEDIATE = 64, 172
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_parser(sub) -> None:
@@ -65,6 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (PyTorch path) or cuda (the Triton kernels: launch cost)")
     p.add_argument("--decode-tokens", type=int, default=32,
                    help="new tokens per greedy generate of the tiny Llama, stock vs patched (0: skip)")
+    p.add_argument("--autocast", choices=sorted(AUTOCAST), help="time every call under torch.autocast in this "
+                   "dtype (fp32 weights and inputs, as accelerate's mixed precision runs them)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=_main)
 
@@ -138,20 +142,23 @@ def build_pair(hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, dtype=tor
     return stock, patched
 
 
-def _calls(module_or_fn, inputs: tuple, params: list, mode: str):
-    """A zero-argument callable running one call of `mode`."""
+def _calls(module_or_fn, inputs: tuple, params: list, mode: str, amp: torch.dtype | None = None):
+    """A zero-argument callable running one call of `mode` (its forward under autocast in `amp`, if given)."""
+    amp_on = functools.partial(torch.autocast, inputs[0].device.type, dtype=amp, enabled=amp is not None)
     if mode == "fwd_nograd":
         def call():
-            with torch.no_grad():
+            with torch.no_grad(), amp_on():
                 module_or_fn(*inputs)
     elif mode == "fwd_grad":
         def call():
-            module_or_fn(*inputs)
+            with amp_on():
+                module_or_fn(*inputs)
     elif mode == "fwd_bwd":
         wrt = (*inputs, *params)
 
         def call():
-            y = module_or_fn(*inputs)
+            with amp_on():
+                y = module_or_fn(*inputs)
             torch.autograd.grad(y, wrt, torch.ones_like(y))
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -172,7 +179,7 @@ def _sync(device: str):
 
 def run(tokens=TOKENS, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, modes=MODES, op_tokens=OP_TOKENS,
         batches: int = 21, batch_ms: float = 20.0, threads: int | None = 1, dtype=torch.float32,
-        device: str = "cpu") -> list[dict]:
+        device: str = "cpu", autocast: torch.dtype | None = None) -> list[dict]:
     """One row per (what, tokens, mode): stock_us, patched_us, overhead_us (patched - stock)."""
     from ...functional import swiglu
 
@@ -187,14 +194,14 @@ def run(tokens=TOKENS, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, m
         for T in tokens:
             x = torch.randn(T, hidden, generator=gen, dtype=dtype).to(device).requires_grad_()
             for mode in modes:
-                pair = [_calls(m, (x,), list(m.parameters()), mode) for m in (stock, patched)]
+                pair = [_calls(m, (x,), list(m.parameters()), mode, autocast) for m in (stock, patched)]
                 rows.append(_row("mlp", T, mode, time_pair(*pair, batches=batches, batch_ms=batch_ms, sync=sync)))
         for T in op_tokens:
             gate, up = (torch.randn(T, intermediate, generator=gen, dtype=dtype).to(device).requires_grad_()
                         for _ in range(2))
             fused = lambda g, u: swiglu(g, u, backend=_backend(device))  # noqa: E731
             for mode in modes:
-                pair = [_calls(f, (gate, up), [], mode) for f in (_eager_glu, fused)]
+                pair = [_calls(f, (gate, up), [], mode, autocast) for f in (_eager_glu, fused)]
                 rows.append(_row("op", T, mode, time_pair(*pair, batches=batches, batch_ms=batch_ms, sync=sync)))
         return rows
     finally:
@@ -285,11 +292,14 @@ def decode_markdown(d: dict) -> str:
 
 def _main(args) -> int:
     rows = run(tokens=args.tokens, hidden=args.hidden, intermediate=args.intermediate,
-               batches=args.batches, batch_ms=args.batch_ms, threads=args.threads, device=args.device)
+               batches=args.batches, batch_ms=args.batch_ms, threads=args.threads, device=args.device,
+               autocast=AUTOCAST.get(args.autocast))
     dec = decode(args.decode_tokens, device=args.device, threads=args.threads) if args.decode_tokens else None
     header = (f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs, torch {torch.__version__}, commit {_git_commit()}; "
-              f"H={args.hidden}, I={args.intermediate}, fp32, device {args.device}, backend={_backend(args.device)!r}, "
+              f"H={args.hidden}, I={args.intermediate}, fp32"
+              f"{f' under autocast {args.autocast}' if args.autocast else ''}, device {args.device}, "
+              f"backend={_backend(args.device)!r}, "
               f"{args.threads} thread(s); median of {args.batches} interleaved batches of ~{args.batch_ms:g} ms")
     print(header)
     print()
