@@ -269,7 +269,7 @@ class _Plan:
             y = linear(self.down, ops.forward(tuple([linear(m, x) for m in self.projections]), spec, backend))
         else:
             params = self.linears and plain_linears(self.linears) and _weights_and_biases(self.linears)
-            if params and x.is_contiguous() and forward_ad._current_level < 0:
+            if params and x.is_contiguous() and not _forward_ad_on():
                 y = gated_mlp(None if params[2] is None else x, x, spec, backend, *params)
             else:  # saves gate and up, never act or h (gated.down_of_glu picks the path)
                 y = down_of_glu(self.down, tuple([linear(m, x) for m in self.projections]), spec, backend)
@@ -284,7 +284,10 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_level = torch._C._functorch.peek_interpreter_stack
 # A non-contiguous x (stock forms its input grad in another layout) and forward-mode AD (the node has no
-# jvp) take the module path.
+# jvp) take the module path. forward_ad keeps its level in a module global; a torch without it gets
+# "off", and a dual input would then fail loudly in the node (no jvp), never silently.
+_forward_ad_on = (lambda: forward_ad._current_level >= 0) if hasattr(forward_ad, "_current_level") else (
+    lambda: False)
 
 
 def _weights_and_biases(linears) -> tuple | None:
