@@ -7,9 +7,9 @@ I intermediate; docs/ARCHITECTURE.md "Memory policy"):
   default   x, gate, up     H + 2I   h = act(gate) * up is recomputed in backward
   tiled     x               H        gate, up and h are recomputed per tile of tokens
 
-Default mode, every projection a plain nn.Linear, eager, autocast off (the per-call plan's common
-case): GatedMLP is the whole unit as one autograd node, saving x, gate and up, its backward forming
-every linear's grads the way the next paragraph describes (one node instead of five: host time).
+Default mode, every projection a plain nn.Linear, eager, with or without autocast (the per-call plan's
+common case): GatedMLP is the whole unit as one autograd node, saving x, gate and up, its backward
+forming every linear's grads the way the next paragraph describes (one node instead of five: host time).
 Default mode, down_proj a plain nn.Linear (exact type, no hooks): GLUDown computes
 F.linear(h, W, b) saving gate and up only; backward recomputes h in the same pass as dgate/dup and
 forms dW = dy^T h, db = sum(dy), dh = dy W with the mm calls, in the shapes, that stock nn.Linear's
@@ -108,14 +108,17 @@ def _linear_bwd(dy, inp, weight, need_input: bool, need_weight: bool, need_bias:
     return (d_inp, *_linear_dparams(dy, inp, need_weight, need_bias))
 
 
+def _no_second_order(why: str) -> HigherOrderGradError:
+    return HigherOrderGradError(
+        f"a backward with create_graph=True (a second derivative) reached a patched MLP {why}; run that "
+        "computation on the stock model (revert_swiglu_patch(model), or `with swiglu_hf.patch.suspended(model):`)")
+
+
 def _first_order_only() -> None:
     """A node's backward runs in grad mode only under create_graph=True: its written-out ops would give a
     second derivative that is wrong or an error deep inside; say so instead."""
     if torch.is_grad_enabled():
-        raise HigherOrderGradError(
-            "a backward with create_graph=True (a second derivative) reached a patched MLP, whose backward "
-            "is written out and not differentiable; run that computation on the stock model "
-            "(revert_swiglu_patch(model), or `with swiglu_hf.patch.suspended(model):`)")
+        raise _no_second_order("whose backward is written out and not differentiable")
 
 
 def _cast(grad, like):
@@ -232,19 +235,13 @@ def _gated_mlp_second_order(ctx, dy):
     from x and the parameters with eager's ops, then differentiated with create_graph."""
     x, w1, b1, w2, b2, wd, bd, *_ = ctx.saved_tensors
     if ctx.dtypes is not None:
-        raise HigherOrderGradError(
-            "a backward with create_graph=True reached a patched MLP that ran under autocast (it kept the "
-            "casts, not the inputs); run that computation on the stock model (revert_swiglu_patch(model), or "
-            "`with swiglu_hf.patch.suspended(model):`)")
+        raise _no_second_order("that ran under autocast (it kept the casts, not the inputs)")
     if x is None:
-        raise HigherOrderGradError(
-            "a backward with create_graph=True reached a patched MLP whose projection weights do not require "
-            "grad, so its input was not kept; run that computation on the stock model "
-            "(revert_swiglu_patch(model), or `with swiglu_hf.patch.suspended(model):`)")
+        raise _no_second_order("whose projection weights do not require grad, so its input was not kept")
     x_up, x_gate = (x.view_as(x) if w2 is not None else None), x.view_as(x)  # one grad per input slot
     first = F.linear(x_gate, w1, b1)
     halves = gate_spec.split_packed(first, ctx.spec) if w2 is None else (first, F.linear(x_up, w2, b2))
-    y = F.linear(gate_spec.apply(ops.as_spec(ctx.spec), *halves), wd, bd)
+    y = F.linear(gate_spec.apply(ctx.spec, *halves), wd, bd)
     inputs = (x_up, x_gate, None, None, w1, b1, w2, b2, wd, bd)
     wanted = [i for i, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad)) if need and t is not None]
     found = torch.autograd.grad(y, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)

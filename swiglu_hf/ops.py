@@ -297,13 +297,14 @@ def _(dh, x, activation, backend):
 # GateSpec object (never a key to parse), under a small autograd.Function; otherwise the custom
 # ops run with the spec's key. Both give identical results.
 
+_is_compiling = torch.compiler.is_compiling  # bound once: eager_mode runs on every patched call (host time)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+
+
 def eager_mode() -> bool:
     """Not tracing: no torch.compile, no dispatch mode, no functorch transform."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and torch._C._functorch.peek_interpreter_stack() is None
-    )
+    return not _is_compiling() and _dispatch_modes() == 0 and _functorch_level() is None
 
 
 def eager_ok(*tensors: Tensor) -> bool:

@@ -4,8 +4,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # No network in tests: a library that would fetch from the Hub on import (bitsandbytes' CPU kernel on
-# AVX512-BF16 machines) fails at once instead, as under swiglu-hf's own commands (cli.OFFLINE).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# AVX512-BF16 machines) fails at once instead, as under swiglu-hf's own commands.
+from swiglu_hf.cli import OFFLINE  # noqa: E402  (the cli module imports nothing heavy)
+
+os.environ.setdefault(*OFFLINE)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

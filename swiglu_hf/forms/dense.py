@@ -257,8 +257,7 @@ class _Plan:
     def run(self, module: nn.Module, x: Tensor) -> Tensor | None:
         """y, or None where the general forward must run: not lean, the children replaced, a tensor
         subclass, tracing (torch.compile, a dispatch mode, a functorch transform)."""
-        if (type(x) is not Tensor or not self.lean or tuple(module._modules.values()) != self.children
-                or _is_compiling() or _dispatch_modes() or _functorch_level() is not None):
+        if type(x) is not Tensor or not self.lean or self.stale(module) or not ops.eager_mode():
             return None
         device, spec = x.device, self.spec
         key = (device, x.dtype, os.environ.get(BACKEND_ENV) if self.backend == "auto" else None)  # env: "auto" only
@@ -279,10 +278,6 @@ class _Plan:
         return y
 
 
-# ops.eager_mode()'s checks, bound once (the per-call path runs them on every call: host time)
-_is_compiling = torch.compiler.is_compiling
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_functorch_level = torch._C._functorch.peek_interpreter_stack
 # A non-contiguous x (stock forms its input grad in another layout) and forward-mode AD (the node has no
 # jvp) take the module path. forward_ad keeps its level in a module global; a torch without it gets
 # "off", and a dual input would then fail loudly in the node (no jvp), never silently.
