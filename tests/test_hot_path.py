@@ -180,12 +180,13 @@ def test_a_second_derivative_through_the_node_equals_stocks(patch_backend):
         torch.autograd.grad(mlp(x).square().sum(), x, create_graph=True)
 
 
-def test_input_grad_adds_in_stocks_order_when_x_also_feeds_a_residual():
+def test_input_grad_adds_in_stocks_order_when_x_also_feeds_a_residual(patch_backend):
     """Post-norm models (OLMo2, EXAONE-4) add the MLP input to its output: x's grad is the sum of three
     terms, and stock adds them as (residual + up's) + gate's. The node hands the engine up's and gate's
-    grads separately, so the sum is stock's, bitwise (fp32 and bf16)."""
-    for dtype in (torch.float32, torch.bfloat16):
-        stock, patched = _mlp_pair()
+    grads separately, so the sum is stock's: bitwise on the PyTorch path (fp32 and bf16); through the
+    interpreter (fp32: its bf16 is unreliable) within fp32 noise."""
+    for dtype in (torch.float32, torch.bfloat16) if patch_backend == "torch" else (torch.float32,):
+        stock, patched = _mlp_pair(backend="auto")
         mlp, ref = patched.model.layers[0].mlp.to(dtype), stock.model.layers[0].mlp.to(dtype)
         torch.manual_seed(0)
         pre = nn.Linear(stock.config.hidden_size, stock.config.hidden_size).to(dtype)
@@ -196,10 +197,11 @@ def test_input_grad_adds_in_stocks_order_when_x_also_feeds_a_residual():
             out = h + m(h)
             grads.append(torch.autograd.grad(out.square().sum(), [x, *pre.parameters(), *m.parameters()]))
         assert type(mlp(pre(x)).grad_fn).__name__ == "GatedMLPBackward"
-        assert all(torch.equal(a, b) for a, b in zip(*grads)), dtype
+        for i, (a, b) in enumerate(zip(*grads)):
+            assert_like_stock(a, b, patch_backend, f"{dtype} grad {i}")
 
 
-def test_a_probe_deferred_past_a_meta_call_still_runs_before_real_weights():
+def test_a_probe_deferred_past_a_meta_call_still_runs_before_real_weights(patch_backend):
     """A model patched on the meta device and called there once (shape inference) has a plan but no
     probe yet: the first call with real weights runs the probe, which refuses a forward that is not the
     plain gated unit."""
@@ -214,7 +216,7 @@ def test_a_probe_deferred_past_a_meta_call_still_runs_before_real_weights():
 
     with torch.device("meta"):
         model = nn.Sequential(DoubledMLP(LlamaConfig(hidden_size=64, intermediate_size=96)))
-    apply_swiglu_patch(model, backend="torch", strict=False)
+    apply_swiglu_patch(model, backend="auto", strict=False)
     with torch.no_grad():
         model(torch.randn(2, 3, 64, device="meta"))
     model.to_empty(device="cpu")
