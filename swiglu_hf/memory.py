@@ -129,17 +129,34 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live -= nbytes
         self._refs.pop(key, None)
 
+    # What a subclass may change (swiglu_hf.peak: meta storages, allocator rounding, a record per storage)
+    def counts(self, st: torch.UntypedStorage) -> bool:
+        return st.device.type != "meta"  # a CPU or device run: meta storages hold nothing
+
+    def rounded(self, nbytes: int) -> int:
+        return nbytes
+
+    def _made(self, key: int, nbytes: int) -> None:
+        """A storage was counted (before `live` includes it)."""
+
+    def _new_peak(self) -> None:
+        """`live` just rose above the previous peak."""
+
     def _track(self, st: torch.UntypedStorage) -> None:
         key = id(st)
         ref = self._refs.get(key)
         if ref is not None and ref() is st:
             return  # already counted (a view, or an op returning its input)
         nbytes = st.nbytes()
-        if nbytes == 0 or st.device.type == "meta":
+        if nbytes == 0 or not self.counts(st):
             return
+        nbytes = self.rounded(nbytes)
         self._refs[key] = weakref.ref(st, lambda r, k=key, n=nbytes: self._freed(k, n, r))
+        self._made(key, nbytes)
         self.live += nbytes
-        self.peak = max(self.peak, self.live)
+        if self.live > self.peak:
+            self.peak = self.live
+            self._new_peak()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self._dtensor in types:

@@ -26,7 +26,6 @@ total of storages created inside), and the breakdown sums to it exactly. A stora
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 from torch import nn
@@ -97,24 +96,14 @@ class PeakBreakdown(LiveTensorBytes):
         super()._freed(key, nbytes, _ref)
         self._serial.pop(key, None)
 
-    def _track(self, st: torch.UntypedStorage) -> None:  # the base class's, with counts() and rounded()
-        key = id(st)
-        ref = self._refs.get(key)
-        if ref is not None and ref() is st:
-            return
-        nbytes = st.nbytes()
-        if nbytes == 0 or not self.counts(st):
-            return
-        nbytes = self.rounded(nbytes)
-        self._refs[key] = weakref.ref(st, lambda r, k=key, n=nbytes: self._freed(k, n, r))
+    def _made(self, key: int, nbytes: int) -> None:
         context = self.where[-1] if self.where else ("head" if self.head_backward else None)
         self._serial[key] = len(self.made)
         self.made.append((nbytes, self.phase, context))
-        self.live += nbytes
-        if self.live > self.peak:
-            self.peak = self.live
-            self.at_peak = list(self._serial.values())
-            self.peak_phase = self.phase
+
+    def _new_peak(self) -> None:
+        self.at_peak = list(self._serial.values())
+        self.peak_phase = self.phase
 
     # ---- what the step tells the tracker ----------------------------------------------------------
 
